@@ -1,0 +1,465 @@
+"""Datasets, joint image+label transforms, samplers and loaders, and the built-in synthetic data.
+
+Images are read with OpenCV (BGR converted to RGB); labels are PNGs of class indices read with PIL,
+because OpenCV expands a palette PNG to colours. 255 in a label means "ignore".
+"""
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from utils import UserError, barrier
+
+IGNORE_INDEX = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VOC_LAYOUT = "a VOC-layout folder with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/"
+
+# ---------------------------------------------------------------------------------------------
+# Built-in synthetic data. Each object class has its own shape AND its own texture, while all
+# colours are random, so a colour threshold cannot solve it. Bump SYNTHETIC_VERSION when the
+# drawing code changes; the tunables below are stored in the manifest, so changing one of them
+# regenerates cached copies by itself.
+SYNTHETIC_VERSION = 1
+SYNTHETIC_CLASSES = ("background", "striped_disk", "checkered_box", "dotted_triangle", "grid_cross")
+SYN_OBJECT_SIZE = (0.15, 0.45)      # object extent, as a fraction of the image side
+SYN_OBJECTS_PER_IMAGE = (1, 4)      # inclusive range
+SYN_TEXTURE_PERIOD = (4.0, 9.0)     # pixels at 128 px; scaled with the image size
+SYN_MIN_CONTRAST = 70.0             # least RGB distance between an object's two texture colours
+SYN_PIXEL_NOISE = 10.0              # std of the per-pixel Gaussian noise, 0..255 units
+SYN_BLOB_GRID = (3, 7)              # background colour blobs: coarse and fine random grids, upscaled
+SYN_CLUTTER_LINES = (0, 4)          # thin random lines on the background, inclusive range
+
+
+def _texture(cls, u, v, period):
+    """Boolean texture in object-rotated coordinates (u, v); one pattern per class."""
+    fu, fv = u / period, v / period
+    if cls == 1:                                            # stripes
+        return (fu % 1.0) < 0.5
+    if cls == 2:                                            # checkerboard
+        return (np.floor(fu) + np.floor(fv)) % 2 == 0
+    if cls == 3:                                            # dots
+        return (fu % 1.0 - 0.5) ** 2 + (fv % 1.0 - 0.5) ** 2 < 0.09
+    return ((fu % 1.0) < 0.25) | ((fv % 1.0) < 0.25)        # grid of thin lines
+
+
+def _shape_mask(cls, rng, size, cx, cy, extent, angle):
+    """uint8 mask (1 inside) of the class's shape, drawn with sub-pixel precision."""
+    mask = np.zeros((size, size), np.uint8)
+    r = extent / 2.0
+    deg = np.degrees(angle)
+    if cls == 1:
+        polys = [cv2.ellipse2Poly((0, 0), (1000, 1000), 0, 0, 360, 5) / 1000.0 * r + (cx, cy)]
+    elif cls == 2:
+        polys = [cv2.boxPoints(((cx, cy), (extent, extent * rng.uniform(0.6, 1.0)), deg))]
+    elif cls == 3:
+        a = angle + np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.25, 0.25, 3)
+        polys = [np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1)]
+    else:
+        arm = extent * 0.32
+        polys = [cv2.boxPoints(((cx, cy), (extent, arm), deg)), cv2.boxPoints(((cx, cy), (arm, extent), deg))]
+    for poly in polys:
+        cv2.fillPoly(mask, [np.round(np.asarray(poly) * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
+    return mask
+
+
+def _synthetic_sample(rng, size, ignore_width):
+    """One (BGR uint8 image, uint8 label) pair."""
+    image = np.zeros((size, size, 3), np.float32)
+    for grid, weight in zip(SYN_BLOB_GRID, (1.0, 0.5)):
+        blobs = rng.uniform(-127.5, 127.5, (grid, grid, 3)).astype(np.float32)
+        image += weight * cv2.resize(blobs, (size, size), interpolation=cv2.INTER_CUBIC)
+    image = image / 1.5 + 127.5
+    for _ in range(rng.integers(SYN_CLUTTER_LINES[0], SYN_CLUTTER_LINES[1] + 1)):
+        p1, p2 = rng.integers(0, size, 2), rng.integers(0, size, 2)
+        cv2.line(image, (int(p1[0]), int(p1[1])), (int(p2[0]), int(p2[1])), rng.uniform(0, 255, 3).tolist(),
+                 int(rng.integers(1, 3)))
+    label = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(rng.integers(SYN_OBJECTS_PER_IMAGE[0], SYN_OBJECTS_PER_IMAGE[1] + 1)):
+        cls = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
+        extent = size * rng.uniform(*SYN_OBJECT_SIZE)
+        cx, cy = rng.uniform(0.1 * size, 0.9 * size, 2)
+        inside = _shape_mask(cls, rng, size, cx, cy, extent, rng.uniform(0, 2 * np.pi)).astype(bool)
+        t = rng.uniform(0, 2 * np.pi)
+        u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+        v = (yy - cy) * np.cos(t) - (xx - cx) * np.sin(t)
+        pattern = _texture(cls, u, v, rng.uniform(*SYN_TEXTURE_PERIOD) * size / 128.0)
+        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        while np.linalg.norm(c1 - c2) < SYN_MIN_CONTRAST:     # the texture must be visible
+            c2 = rng.uniform(0, 255, 3)
+        image[inside] = np.where(pattern[inside, None], c1, c2)
+        label[inside] = cls
+    image += rng.normal(0.0, SYN_PIXEL_NOISE, image.shape).astype(np.float32)
+    if ignore_width > 0:
+        kernel = np.ones((2 * ignore_width + 1,) * 2, np.uint8)
+        label[cv2.dilate(label, kernel) != cv2.erode(label, kernel)] = IGNORE_INDEX
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), label
+
+
+def _synthetic_manifest(n_train, n_val, size, seed, ignore_width):
+    return {"generator": "ailab-synthetic", "version": SYNTHETIC_VERSION, "classes": list(SYNTHETIC_CLASSES),
+            "n_train": n_train, "n_val": n_val, "size": size, "seed": seed, "ignore_width": ignore_width,
+            "params": {"object_size": list(SYN_OBJECT_SIZE), "objects_per_image": list(SYN_OBJECTS_PER_IMAGE),
+                       "texture_period": list(SYN_TEXTURE_PERIOD), "min_contrast": SYN_MIN_CONTRAST,
+                       "pixel_noise": SYN_PIXEL_NOISE, "blob_grid": list(SYN_BLOB_GRID),
+                       "clutter_lines": list(SYN_CLUTTER_LINES)}}
+
+
+def make_synthetic_voc(root, n_train=300, n_val=100, size=128, seed=0, ignore_width=1):
+    """Write a deterministic VOC-layout dataset of synthetic scenes to `root`; manifest.json is written last."""
+    for name, value, least in (("n_train", n_train, 1), ("n_val", n_val, 1), ("size", size, 32),
+                               ("ignore_width", ignore_width, 0)):
+        if not isinstance(value, int) or value < least:
+            raise UserError(f"synthetic data: {name}={value!r} is invalid; expected an integer >= {least}")
+    for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    ids = [f"syn_{i:06d}" for i in range(n_train + n_val)]
+    for i, image_id in enumerate(ids):
+        image, label = _synthetic_sample(np.random.default_rng([seed, i]), size, ignore_width)
+        cv2.imwrite(os.path.join(root, "JPEGImages", image_id + ".jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        save_palette_png(os.path.join(root, "SegmentationClass", image_id + ".png"), label)
+    for split, split_ids in (("train", ids[:n_train]), ("val", ids[n_train:])):
+        with open(os.path.join(root, "ImageSets", "Segmentation", split + ".txt"), "w") as f:
+            f.write("".join(i + "\n" for i in split_ids))
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(_synthetic_manifest(n_train, n_val, size, seed, ignore_width), f, indent=2, sort_keys=True)
+    return root
+
+
+def _is_complete(root, manifest):
+    try:
+        with open(os.path.join(root, "manifest.json")) as f:
+            if json.load(f) != manifest:
+                return False
+        ids = [i for split in ("train", "val") for i in _read_list(root, split)]
+    except (OSError, ValueError, UserError):
+        return False
+    return len(ids) == manifest["n_train"] + manifest["n_val"] and all(
+        os.path.isfile(p) for i in ids for p in _sample_paths(root, i))
+
+
+def ensure_builtin_dataset(cache_dir, n_train=300, n_val=100, size=128, seed=0, ignore_width=1):
+    """Path of the built-in dataset under `cache_dir`, generating it first if it is missing or incomplete.
+
+    Generation happens in a private sibling folder that is renamed into place, so a crash never leaves
+    a half dataset that looks complete, and processes racing each other all end up with a complete copy.
+    """
+    target = os.path.join(cache_dir, f"synthetic-v{SYNTHETIC_VERSION}")
+    manifest = _synthetic_manifest(n_train, n_val, size, seed, ignore_width)
+    if _is_complete(target, manifest):
+        return target
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create data cache folder '{cache_dir}' ({e.strerror}); expected a writable folder")
+    tmp = os.path.join(cache_dir, f".synthetic-v{SYNTHETIC_VERSION}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_synthetic_voc(tmp, n_train, n_val, size, seed, ignore_width)
+    if os.path.exists(target):
+        if _is_complete(target, manifest):      # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        stale = tmp + ".stale"                   # move aside first: rmtree of the live name is not atomic
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(target, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(target, manifest):
+            raise UserError(f"could not put the built-in dataset in place at '{target}'; "
+                            f"expected to be able to rename folders inside '{cache_dir}'")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# VOC-layout dataset and its checks.
+
+def _sample_paths(root, image_id):
+    return (os.path.join(root, "JPEGImages", image_id + ".jpg"),
+            os.path.join(root, "SegmentationClass", image_id + ".png"))
+
+
+def _read_list(root, split):
+    """Ids listed in ImageSets/Segmentation/<split>.txt, after checking that the folder and list exist."""
+    if not os.path.isdir(root):
+        raise UserError(f"dataset path '{root}' does not exist; expected {VOC_LAYOUT}")
+    list_dir = os.path.join(root, "ImageSets", "Segmentation")
+    list_path = os.path.join(list_dir, split + ".txt")
+    if not os.path.isfile(list_path):
+        found = sorted(n[:-4] for n in os.listdir(list_dir) if n.endswith(".txt")) if os.path.isdir(list_dir) else []
+        raise UserError(f"split list '{list_path}' does not exist; expected one image id per line "
+                        f"(splits found: {', '.join(found) or 'none'})")
+    with open(list_path) as f:
+        ids = [line.split()[0] for line in f if line.strip()]
+    if not ids:
+        raise UserError(f"split list '{list_path}' is empty; expected one image id per line")
+    return ids
+
+
+def read_image(path):
+    """RGB uint8 HxWx3 image; UserError when the file cannot be decoded."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"cannot read image '{path}'; expected a readable JPEG/PNG file (missing or corrupt)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path, numclasses=None):
+    """uint8 HxW class-index label from a palette ('P') or greyscale ('L') PNG; 255 = ignore."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise UserError(f"label '{path}' has image mode {im.mode}; expected class indices in a palette "
+                                f"('P') or greyscale ('L') PNG, as in VOC SegmentationClass/")
+            label = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read label '{path}' ({e}); expected a PNG of class indices")
+    if numclasses is not None:
+        bad = label[(label >= numclasses) & (label != IGNORE_INDEX)]
+        if bad.size:
+            raise UserError(f"label '{path}' has value {int(bad.max())}; expected values 0..{numclasses - 1} "
+                            f"(numclasses={numclasses}) or {IGNORE_INDEX} for ignore")
+    return label
+
+
+def _read_pair(root, image_id, numclasses):
+    image_path, label_path = _sample_paths(root, image_id)
+    image, label = read_image(image_path), read_label(label_path, numclasses)
+    if image.shape[:2] != label.shape:
+        raise UserError(f"image and label of id '{image_id}' differ in size: '{image_path}' is "
+                        f"{image.shape[1]}x{image.shape[0]}, '{label_path}' is {label.shape[1]}x{label.shape[0]} "
+                        f"(WxH); expected the same size")
+    return image, label
+
+
+def check_dataset(root, split, numclasses, full=True):
+    """Check the split before training; raise UserError with one line on the first problem; return its ids.
+
+    Always checks the layout and that every listed id has an image and a label file. With full=True it
+    also reads every file (in threads: cv2 and PIL release the GIL) and checks sizes and label values.
+    """
+    ids = _read_list(root, split)
+    for image_id in ids:
+        for path in _sample_paths(root, image_id):
+            if not os.path.isfile(path):
+                raise UserError(f"id '{image_id}' in split '{split}' has no file '{path}'; expected {VOC_LAYOUT}")
+    if full:
+        def problem(image_id):
+            try:
+                _read_pair(root, image_id, numclasses)
+            except UserError as e:
+                return str(e)
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
+            problems = [p for p in pool.map(problem, ids) if p]
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s) in split '{split}')" if len(problems) > 1 else ""
+            raise UserError(problems[0] + more)
+    return ids
+
+
+class SegmentationDataset(Dataset):
+    """VOC-layout split: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt.
+
+    The constructor checks the layout and that all files exist; check_dataset(..., full=True) checks contents.
+    Items are transform(image RGB uint8 HxWx3, label uint8 HxW); without a transform, EvalTransform().
+    """
+
+    def __init__(self, root, split, transform=None, numclasses=None, check_contents=False):
+        self.root, self.split, self.numclasses = root, split, numclasses
+        self.ids = check_dataset(root, split, numclasses, full=check_contents)
+        self.transform = transform if transform is not None else EvalTransform()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return self.transform(*_read_pair(self.root, self.ids[index], self.numclasses))
+
+    def image_size(self, index):
+        """(height, width) of a sample, read from the label's header only."""
+        with Image.open(_sample_paths(self.root, self.ids[index])[1]) as im:
+            return im.height, im.width
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint transforms: numpy (image RGB uint8 HxWx3, label uint8 HxW) -> (float 3xHxW, int64 HxW) tensors.
+
+def _normalize_coefficients(mean, std):
+    std = np.asarray(std, np.float32)
+    return 1.0 / (255.0 * std), -np.asarray(mean, np.float32) / std
+
+
+def to_normalized_tensor(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """RGB uint8 HxWx3 -> float32 tensor 3xHxW, (x / 255 - mean) / std."""
+    scale, shift = _normalize_coefficients(mean, std)
+    return torch.from_numpy(np.ascontiguousarray((image.astype(np.float32) * scale + shift).transpose(2, 0, 1)))
+
+
+class TrainTransform:
+    """Random scale, pad (image with the mean colour, label with 255), random crop, horizontal flip, normalise.
+
+    Randomness comes from numpy's global np.random, which worker_init_fn seeds per loader worker.
+    """
+
+    def __init__(self, crop_size, scale_range=(0.5, 2.0), hflip_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.crop_h, self.crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.scale_range, self.hflip_prob = tuple(scale_range), hflip_prob
+        self.scale, self.shift = _normalize_coefficients(mean, std)
+
+    def __call__(self, image, label):
+        scale = np.random.uniform(*self.scale_range)
+        if scale != 1.0:
+            size = (max(1, round(label.shape[1] * scale)), max(1, round(label.shape[0] * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+            # NEAREST_EXACT samples at pixel centres like INTER_LINEAR; plain NEAREST is off by half a pixel
+            label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        h, w = label.shape
+        # The crop window may stick out of a small image; sticking out is padding, on a random side.
+        y0 = np.random.randint(min(0, h - self.crop_h), max(0, h - self.crop_h) + 1)
+        x0 = np.random.randint(min(0, w - self.crop_w), max(0, w - self.crop_w) + 1)
+        out_image = np.zeros((self.crop_h, self.crop_w, 3), np.float32)     # 0 is the mean after normalising
+        out_label = np.full((self.crop_h, self.crop_w), IGNORE_INDEX, np.uint8)
+        sy, sx = slice(max(y0, 0), min(y0 + self.crop_h, h)), slice(max(x0, 0), min(x0 + self.crop_w, w))
+        dy, dx = slice(sy.start - y0, sy.stop - y0), slice(sx.start - x0, sx.stop - x0)
+        out_image[dy, dx] = image[sy, sx].astype(np.float32) * self.scale + self.shift
+        out_label[dy, dx] = label[sy, sx]
+        if np.random.random() < self.hflip_prob:
+            out_image, out_label = out_image[:, ::-1], out_label[:, ::-1]
+        return (torch.from_numpy(np.ascontiguousarray(out_image.transpose(2, 0, 1))),
+                torch.from_numpy(out_label.astype(np.int64)))
+
+
+class EvalTransform:
+    """Normalise only, at the original size."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean, self.std = mean, std
+
+    def __call__(self, image, label):
+        return to_normalized_tensor(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers and loaders. One code path for any world size, 1 included.
+
+class ShardSampler(Sampler):
+    """Evaluation shard: rank r gets r, r+W, r+2W, ... with no padding, so every index is seen exactly once."""
+
+    def __init__(self, n, rank, world_size):
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is invalid for world size {world_size}; expected 0 <= rank < world size")
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def seed_worker(worker_id):
+    """DataLoader worker_init_fn: give numpy and `random` the worker's own torch seed."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setNumThreads(0)    # loader workers are the parallelism; OpenCV threads on top only oversubscribe
+
+
+def pad_collate(batch):
+    """Stack (image, label) pairs of different sizes, padding at the bottom/right with 0 (image) and 255 (label)."""
+    h = max(label.shape[0] for _, label in batch)
+    w = max(label.shape[1] for _, label in batch)
+    images = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
+    labels = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.int64)
+    for i, (image, label) in enumerate(batch):
+        images[i, :, :label.shape[0], :label.shape[1]] = image
+        labels[i, :label.shape[0], :label.shape[1]] = label
+    return images, labels
+
+
+def _loader(dataset, batch_size, workers, sampler, drop_last, collate_fn=None):
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, collate_fn=collate_fn,
+                      worker_init_fn=seed_worker, persistent_workers=workers > 0)
+
+
+def build_train_loader(dataset, batch_size, workers, rank, world_size, seed, drop_last=True):
+    """(loader, sampler) with a shuffling DistributedSampler; call sampler.set_epoch(epoch) every epoch."""
+    per_rank = -(-len(dataset) // world_size)
+    if drop_last and per_rank < batch_size:
+        raise UserError(f"training split has {len(dataset)} images, {per_rank} per process over {world_size} "
+                        f"process(es), fewer than batch_size={batch_size}; expected at least one full batch")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return _loader(dataset, batch_size, workers, sampler, drop_last), sampler
+
+
+def build_eval_loader(dataset, batch_size, workers, rank, world_size):
+    """Loader over this rank's ShardSampler shard; batches of mixed sizes are padded (label 255)."""
+    return _loader(dataset, batch_size, workers, ShardSampler(len(dataset), rank, world_size), False, pad_collate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Palette PNGs, the format of VOC labels and of our predictions.
+
+def voc_palette():
+    """256x3 uint8 VOC colour map: bits of the class index are spread over the high bits of R, G and B."""
+    palette = np.zeros((256, 3), np.uint8)
+    for index in range(256):
+        c, rgb = index, [0, 0, 0]
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((c >> channel) & 1) << bit
+            c >>= 3
+        palette[index] = rgb
+    return palette
+
+
+VOC_PALETTE = voc_palette()
+
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+
+
+def class_names(dataset_path, numclasses):
+    """Names for the built-in data (no dataset_path) and for 21-class VOC; otherwise 'class N'."""
+    if not dataset_path and numclasses == len(SYNTHETIC_CLASSES):
+        return list(SYNTHETIC_CLASSES)
+    if numclasses == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    return [f"class {i}" for i in range(numclasses)]
+
+
+def resolve_root(dataset_path, cache_dir, ctx):
+    """The dataset folder: --dataset_path, else the built-in data, generated once per machine by local rank 0."""
+    if dataset_path:
+        return dataset_path
+    if ctx.local_rank == 0:
+        ensure_builtin_dataset(cache_dir)
+    barrier()
+    return ensure_builtin_dataset(cache_dir)
+
+
+def save_palette_png(path, mask):
+    """Write a uint8 HxW class-index mask as a palette PNG with the VOC colours."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"save_palette_png('{path}'): expected a uint8 HxW mask, got {mask.dtype} {mask.shape}")
+    image = Image.fromarray(mask, "P")
+    image.putpalette(VOC_PALETTE.tobytes())
+    image.save(path)

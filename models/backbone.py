@@ -1,0 +1,70 @@
+"""torchvision ResNet trunks that return stride-4 and deep features, dilated to output stride 8 or 16."""
+import torch.nn as nn
+import torchvision
+
+from utils import UserError
+
+RESNETS = {
+    18: torchvision.models.resnet18,
+    34: torchvision.models.resnet34,
+    50: torchvision.models.resnet50,
+    101: torchvision.models.resnet101,
+    152: torchvision.models.resnet152,
+}
+# Which of layer2..layer4 trade their stride for dilation, per output stride (torchvision's convention).
+DILATE = {16: [False, False, True], 8: [False, True, True]}
+
+
+def check_backbone_args(layers, output_stride):
+    if layers not in RESNETS:
+        raise UserError(f"--layers {layers!r} is not supported; expected one of {', '.join(map(str, RESNETS))}")
+    if output_stride not in DILATE:
+        raise UserError(f"--output_stride {output_stride!r} is not supported; expected 8 or 16")
+
+
+def _dilate_basic_layer(layer, dilation, previous_dilation):
+    """Turn a strided BasicBlock stage into a dilated one in place, as torchvision does for Bottleneck."""
+    first = layer[0]
+    first.stride = 1
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for i, block in enumerate(layer):
+        # The first conv still sees the previous stage's resolution, so it keeps that stage's dilation.
+        for conv, d in ((block.conv1, previous_dilation if i == 0 else dilation), (block.conv2, dilation)):
+            conv.dilation = (d, d)
+            conv.padding = (d, d)
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet without avgpool/fc. forward(x) -> {"low": layer1 (stride 4), "out": layer4 (stride output_stride)}.
+
+    Submodule names match torchvision's, so an ImageNet state dict (minus "fc.*") loads by name.
+    """
+
+    def __init__(self, layers, output_stride=16):
+        super().__init__()
+        check_backbone_args(layers, output_stride)
+        dilate = DILATE[output_stride]
+        bottleneck = layers >= 50
+        if bottleneck:
+            net = RESNETS[layers](weights=None, replace_stride_with_dilation=dilate)
+        else:
+            # torchvision's BasicBlock refuses dilation at construction, so patch the convs afterwards.
+            net = RESNETS[layers](weights=None)
+            dilation = 1
+            for stage, dilated in zip((net.layer2, net.layer3, net.layer4), dilate):
+                if dilated:
+                    _dilate_basic_layer(stage, dilation * 2, dilation)
+                    dilation *= 2
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.low_channels = 256 if bottleneck else 64
+        self.out_channels = 2048 if bottleneck else 512
+        self.output_stride = output_stride
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        out = self.layer4(self.layer3(self.layer2(low)))
+        return {"low": low, "out": out}

@@ -1,0 +1,181 @@
+"""Train a segmentation model: one process, or one of N under torchrun / torch.distributed.launch / srun / mpirun.
+
+    python train.py                                   # small model on the built-in data, CPU or GPU
+    python train.py --layers 50 --model_type res50_ASPP --dataset_path data/VOC2012
+    torchrun --nproc_per_node=2 train.py --distributed
+"""
+import argparse
+import csv
+import json
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+import models
+import utils
+from engine import evaluate, train_one_epoch
+from losses import build_criterion
+from optim import build_optimizer, lr_at
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_path", default=None,
+                   help="VOC-layout folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/); "
+                        "default: the built-in synthetic data, generated on first use")
+    g.add_argument("--data_cache", default=os.environ.get("AILAB_DATA", os.path.expanduser("~/.cache/ailab")),
+                   help="where the built-in data is generated (env AILAB_DATA)")
+    g.add_argument("--train_split", default="train", help="list file ImageSets/Segmentation/<split>.txt")
+    g.add_argument("--val_split", default="val")
+    g.add_argument("--numclasses", type=int, default=None,
+                   help="classes including background; default 5 for the built-in data, 21 for a --dataset_path (VOC)")
+    g.add_argument("--crop_size", type=int, default=96, help="square training crop in pixels")
+    g.add_argument("--scale_range", type=float, nargs=2, default=[0.75, 1.5], metavar=("MIN", "MAX"),
+                   help="random rescale range for training images")
+    g.add_argument("--hflip_prob", type=float, default=0.5)
+    g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model_type", default="deeplabv3p", help="registered model name (see models/)")
+    g.add_argument("--layers", type=int, default=18, choices=[18, 34, 50, 101, 152], help="ResNet depth")
+    g.add_argument("--output_stride", type=int, default=16, choices=[8, 16])
+    g.add_argument("--head_channels", type=int, default=128, help="width of the ASPP and decoder convolutions")
+    g.add_argument("--freeze_bn", action="store_true", help="keep batch-norm layers in eval mode while training")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batchsize", type=int, default=16, help="images per process per step")
+    g.add_argument("--val_batchsize", type=int, default=1,
+                   help="validation images per process per step (>1 needs images of one size)")
+    g.add_argument("--lr", type=float, default=0.01, help="base LR for one process; scaled by --lr_scaling")
+    g.add_argument("--lr_scaling", default="linear", choices=["linear", "none"],
+                   help="linear: effective LR = --lr x number of processes")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--warmup_epochs", type=float, default=0.5, help="linear warmup length (may be fractional)")
+    g.add_argument("--warmup_ratio", type=float, default=0.1, help="warmup starts at this fraction of the LR")
+    g.add_argument("--poly_power", type=float, default=0.9)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--logdir", default=None, help="default runs/<model>-<time>, or the --resume checkpoint's folder")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from (next epoch, optimizer restored)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log_interval", type=int, default=10, help="log a training line every N steps (0: never)")
+    utils.add_dist_args(p)
+    return p
+
+
+def main(args):
+    started = time.time()
+    ctx = utils.init_distributed(args)
+    named_logdir = args.logdir is not None
+    if not named_logdir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.logdir = (os.path.dirname(os.path.abspath(args.resume)) if args.resume
+                       else os.path.join("runs", f"{args.model_type}-r{args.layers}-{stamp}"))
+        args.logdir = utils.broadcast_object(args.logdir)  # rank 0's clock names the folder
+    log = utils.setup_logging(ctx, os.path.join(args.logdir, "train.log") if ctx.is_main else None)
+    lr = utils.scaled_lr(args, ctx.world_size)
+    log.info(f"{ctx.world_size} process(es) on {ctx.device} (backend {ctx.backend or 'none'}); logdir {args.logdir}")
+    log.info(f"lr {args.lr:g} × {ctx.world_size} processes = {lr:g}" if args.lr_scaling == "linear"
+             else f"lr {lr:g} (not scaled by the {ctx.world_size} processes)")
+
+    # Data: the built-in set is generated once per machine by local rank 0 while the others wait.
+    root = data.resolve_root(args.dataset_path, args.data_cache, ctx)
+    args.numclasses = args.numclasses or (21 if args.dataset_path else len(data.SYNTHETIC_CLASSES))
+    # Every file is read once up front, so a broken dataset stops here and not in the middle of an epoch.
+    train_set = data.SegmentationDataset(root, args.train_split, numclasses=args.numclasses, check_contents=True,
+                                         transform=data.TrainTransform(args.crop_size, args.scale_range,
+                                                                       args.hflip_prob))
+    val_set = data.SegmentationDataset(root, args.val_split, numclasses=args.numclasses, check_contents=True,
+                                       transform=data.EvalTransform())
+    train_loader, train_sampler = data.build_train_loader(train_set, args.batchsize, args.workers,
+                                                          ctx.rank, ctx.world_size, args.seed)
+    val_loader = data.build_eval_loader(val_set, args.val_batchsize, args.workers, ctx.rank, ctx.world_size)
+    log.info(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
+             f"{args.numclasses} classes; {len(train_loader)} steps per epoch")
+
+    # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
+    utils.seed_everything(args.seed)
+    model = models.build_model(args).to(ctx.device)
+    model_without_ddp = model
+    if ctx.distributed:
+        model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    criterion = build_criterion(args)
+    optimizer = build_optimizer(args, model_without_ddp, lr)
+    log.info(f"model {args.model_type} ResNet-{args.layers} OS{args.output_stride}: "
+             f"{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters")
+
+    start_epoch, best_miou = 0, -1.0
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        utils.check_compatible(ckpt, args, args.resume)
+        model_without_ddp.load_state_dict(utils.unwrap_state_dict(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best_miou = ckpt["epoch"] + 1, ckpt["best_miou"]
+        log.info(f"resumed from {args.resume}: continuing at epoch {start_epoch + 1}, best mIoU {best_miou:.4f}")
+
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+
+    def lr_fn(step):
+        return lr_at(step, total_steps, lr, round(args.warmup_epochs * steps_per_epoch),
+                     args.warmup_ratio, args.poly_power)
+
+    class_names = data.class_names(args.dataset_path, args.numclasses)
+    writer = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.logdir, "tb"))
+        with open(os.path.join(args.logdir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        if not named_logdir:
+            utils.link_latest(args.logdir)
+    utils.seed_everything(args.seed + ctx.rank)  # each rank draws its own augmentation stream
+
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, args.epochs):
+        train_sampler.set_epoch(epoch)
+        train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx, args)
+        val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device)
+        improved = val["miou"] > best_miou
+        best_miou = max(best_miou, val["miou"])
+        log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}, "
+                 f"pixel acc {val['acc']:.4f}, {train['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
+        if ctx.is_main:
+            row = {"epoch": epoch + 1, "lr": f"{train['lr']:.6g}", "train_loss": f"{train['loss']:.6f}",
+                   "val_miou": f"{val['miou']:.6f}", "val_acc": f"{val['acc']:.6f}",
+                   "epoch_time": f"{train['time']:.2f}", "images_per_s": f"{train['images_per_s']:.2f}"}
+            append_csv(os.path.join(args.logdir, "summary.csv"), row)
+            for key, value in (("train/loss", train["loss"]), ("train/lr", train["lr"]),
+                               ("val/miou", val["miou"]), ("val/acc", val["acc"])):
+                writer.add_scalar(key, value, epoch + 1)
+            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "best_miou": best_miou, "val": val, "args": vars(args),
+                     "world_size": ctx.world_size, "class_names": class_names}
+            utils.save_checkpoint(state, os.path.join(args.logdir, "last.pth"))
+            if improved:
+                utils.save_checkpoint(state, os.path.join(args.logdir, "best.pth"))
+
+    if ctx.is_main:
+        writer.close()
+    log.info(f"done in {time.time() - started:.0f} s: best val mIoU {best_miou:.4f}; "
+             f"checkpoints in {args.logdir}")
+    utils.cleanup_distributed()
+
+
+def append_csv(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+if __name__ == "__main__":
+    utils.run_entry(main, get_args_parser())
