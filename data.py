@@ -31,13 +31,14 @@ VOC_LAYOUT = "a VOC-layout folder with JPEGImages/, SegmentationClass/ and Image
 # regenerates cached copies by itself.
 SYNTHETIC_VERSION = 1
 SYNTHETIC_CLASSES = ("background", "striped_disk", "checkered_box", "dotted_triangle", "grid_cross")
-SYN_OBJECT_SIZE = (0.15, 0.45)      # object extent, as a fraction of the image side
+SYN_OBJECT_SIZE = (0.2, 0.5)        # object extent, as a fraction of the image side
 SYN_OBJECTS_PER_IMAGE = (1, 4)      # inclusive range
-SYN_TEXTURE_PERIOD = (4.0, 9.0)     # pixels at 128 px; scaled with the image size
-SYN_MIN_CONTRAST = 70.0             # least RGB distance between an object's two texture colours
-SYN_PIXEL_NOISE = 10.0              # std of the per-pixel Gaussian noise, 0..255 units
+SYN_TEXTURE_PERIOD = (5.0, 9.0)     # pixels at 128 px; scaled with the image size
+SYN_MIN_CONTRAST = 150.0            # least RGB distance between an object's two texture colours
+SYN_PIXEL_NOISE = 8.0               # std of the per-pixel Gaussian noise, 0..255 units
 SYN_BLOB_GRID = (3, 7)              # background colour blobs: coarse and fine random grids, upscaled
-SYN_CLUTTER_LINES = (0, 4)          # thin random lines on the background, inclusive range
+SYN_CLUTTER_LINES = (0, 3)          # thin random lines on the background, inclusive range
+SYN_TEXTURE_TILT = 15.0             # a texture is rotated by up to +-this many degrees
 
 
 def _texture(cls, u, v, period):
@@ -90,7 +91,7 @@ def _synthetic_sample(rng, size, ignore_width):
         extent = size * rng.uniform(*SYN_OBJECT_SIZE)
         cx, cy = rng.uniform(0.1 * size, 0.9 * size, 2)
         inside = _shape_mask(cls, rng, size, cx, cy, extent, rng.uniform(0, 2 * np.pi)).astype(bool)
-        t = rng.uniform(0, 2 * np.pi)
+        t = np.radians(rng.uniform(-SYN_TEXTURE_TILT, SYN_TEXTURE_TILT))
         u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
         v = (yy - cy) * np.cos(t) - (xx - cx) * np.sin(t)
         pattern = _texture(cls, u, v, rng.uniform(*SYN_TEXTURE_PERIOD) * size / 128.0)
@@ -112,7 +113,7 @@ def _synthetic_manifest(n_train, n_val, size, seed, ignore_width):
             "params": {"object_size": list(SYN_OBJECT_SIZE), "objects_per_image": list(SYN_OBJECTS_PER_IMAGE),
                        "texture_period": list(SYN_TEXTURE_PERIOD), "min_contrast": SYN_MIN_CONTRAST,
                        "pixel_noise": SYN_PIXEL_NOISE, "blob_grid": list(SYN_BLOB_GRID),
-                       "clutter_lines": list(SYN_CLUTTER_LINES)}}
+                       "clutter_lines": list(SYN_CLUTTER_LINES), "texture_tilt": SYN_TEXTURE_TILT}}
 
 
 def make_synthetic_voc(root, n_train=300, n_val=100, size=128, seed=0, ignore_width=1):
@@ -436,10 +437,14 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "tvmonitor")
 
 
-def class_names(dataset_path, numclasses):
-    """Names for the built-in data (no dataset_path) and for 21-class VOC; otherwise 'class N'."""
-    if not dataset_path and numclasses == len(SYNTHETIC_CLASSES):
-        return list(SYNTHETIC_CLASSES)
+def class_names(root, numclasses):
+    """Names from the built-in data's manifest, or VOC's for 21 classes; otherwise 'class N'."""
+    manifest = os.path.join(root, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            names = json.load(f).get("classes", [])
+        if len(names) == numclasses:
+            return list(names)
     if numclasses == len(VOC_CLASSES):
         return list(VOC_CLASSES)
     return [f"class {i}" for i in range(numclasses)]

@@ -50,7 +50,7 @@ def main(args):
                               pred[:height, :width].astype("uint8"))
 
     metrics = evaluate(model, loader, numclasses, ctx.device, None if args.no_save_pred else save)
-    names = ckpt.get("class_names") or [f"class {i}" for i in range(numclasses)]
+    names = ckpt.get("class_names") or data.class_names(root, numclasses)
     if ctx.is_main:
         width = max(len(n) for n in names)
         log.info(f"mIoU {metrics['miou']:.4f}  pixel acc {metrics['acc']:.4f}  "

@@ -47,11 +47,11 @@ def get_args_parser():
     g.add_argument("--freeze_bn", action="store_true", help="keep batch-norm layers in eval mode while training")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batchsize", type=int, default=16, help="images per process per step")
+    g.add_argument("--epochs", type=int, default=8)
+    g.add_argument("--batchsize", type=int, default=8, help="images per process per step")
     g.add_argument("--val_batchsize", type=int, default=1,
                    help="validation images per process per step (>1 needs images of one size)")
-    g.add_argument("--lr", type=float, default=0.01, help="base LR for one process; scaled by --lr_scaling")
+    g.add_argument("--lr", type=float, default=0.02, help="base LR for one process; scaled by --lr_scaling")
     g.add_argument("--lr_scaling", default="linear", choices=["linear", "none"],
                    help="linear: effective LR = --lr x number of processes")
     g.add_argument("--momentum", type=float, default=0.9)
@@ -126,7 +126,7 @@ def main(args):
         return lr_at(step, total_steps, lr, round(args.warmup_epochs * steps_per_epoch),
                      args.warmup_ratio, args.poly_power)
 
-    class_names = data.class_names(args.dataset_path, args.numclasses)
+    class_names = data.class_names(root, args.numclasses)
     writer = None
     if ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter

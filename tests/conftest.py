@@ -11,7 +11,7 @@ import data
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough that a whole run takes seconds on 2 CPU cores.
 TINY = ["--layers", "18", "--crop_size", "64", "--batchsize", "4", "--epochs", "1", "--workers", "0",
-        "--head_channels", "32", "--log_interval", "1"]
+        "--head_channels", "32", "--log_interval", "1", "--lr", "0.01"]
 
 
 def free_port():

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, run
+from data import save_palette_png
 
 
 def first_id(root, split="train"):
@@ -41,7 +42,7 @@ def remove_label(root):
 
 def resize_label(root):
     i = first_id(root)
-    Image.fromarray(np.zeros((10, 12), np.uint8), "P").save(label_path(root, i))
+    save_palette_png(label_path(root, i), np.zeros((10, 12), np.uint8))
     return f"image and label of id '{i}' differ in size"
 
 
@@ -49,7 +50,7 @@ def label_out_of_range(root):
     i = first_id(root, "val")
     label = np.array(Image.open(label_path(root, i)))
     label[0, 0] = 7
-    Image.fromarray(label, "P").save(label_path(root, i))
+    save_palette_png(label_path(root, i), label)
     return f"{i}.png' has value 7; expected values 0..4"
 
 
