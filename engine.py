@@ -1,4 +1,5 @@
 """The two loops every entry script shares: one training epoch, and evaluation over sharded data."""
+import itertools
 import logging
 import math
 import time
@@ -26,8 +27,8 @@ def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx
     set_train_mode(model, args.freeze_bn)
     sums = torch.zeros(2, dtype=torch.float64)  # loss sum, batch count
     seen, start = 0, time.perf_counter()
-    n = len(loader)
-    for i, (image, target) in enumerate(loader):
+    n = min(len(loader), args.limit_batches or len(loader))
+    for i, (image, target) in enumerate(itertools.islice(loader, n)):
         image = image.to(ctx.device, non_blocking=True)
         target = target.to(ctx.device, non_blocking=True)
         lr = lr_fn(step)
@@ -58,7 +59,7 @@ def predict(model, image):
 
 
 @torch.no_grad()
-def evaluate(model, loader, numclasses, device, on_prediction=None):
+def evaluate(model, loader, numclasses, device, on_prediction=None, limit=None):
     """Confusion-matrix metrics over a ShardSampler loader, summed over all ranks.
 
     `on_prediction(index, pred)` is called for each image with its dataset index and predicted mask.
@@ -66,7 +67,7 @@ def evaluate(model, loader, numclasses, device, on_prediction=None):
     model.eval()
     cm = ConfusionMatrix(numclasses, device)
     order = iter(loader.sampler)
-    for image, target in loader:
+    for image, target in itertools.islice(loader, limit):
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         pred = predict(model, image).argmax(1)
         cm.update(target, pred)

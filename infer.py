@@ -9,20 +9,26 @@ import os
 import cv2
 import torch
 
+import config
 import data
 import models
 import utils
 from engine import predict
+from registry import add_plugin_arg, import_plugins
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    config.add_config_args(p)
     g = p.add_argument_group("inference")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
     g.add_argument("--input", required=True, help="an image, a folder of images, or a quoted glob pattern")
     g.add_argument("--output", default="predictions", help="folder for the masks (input folder layout is kept)")
+    add_plugin_arg(g)
+    models.add_model_args(p, training=False)
     utils.add_dist_args(p)
     return p
 
@@ -45,10 +51,11 @@ def collect_inputs(spec):
 
 @torch.no_grad()
 def main(args):
+    import_plugins(args.plugin)
     ctx = utils.init_distributed(args)
     log = utils.setup_logging(ctx)
     paths, base = collect_inputs(args.input)
-    model, _ = models.load_from_checkpoint(args.checkpoint, ctx.device)
+    model, _ = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
     model.eval()
     mine = paths[ctx.rank::ctx.world_size]  # each image is predicted by exactly one rank
     failed = 0

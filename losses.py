@@ -4,6 +4,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metrics import IGNORE_INDEX
+from registry import Registry
+from utils import UserError
+
+LOSSES = Registry("loss")
+register_loss = LOSSES.register
+
+
+@register_loss("ce")
+def build_cross_entropy(args):
+    return cross_entropy
 
 
 def cross_entropy(logits, target):
@@ -24,5 +34,21 @@ class Criterion(nn.Module):
         return total, {name: v.detach() for name, v in values.items()}
 
 
+def parse_loss_spec(spec):
+    """'dice:0.5' -> ('dice', 0.5); a bare name weighs 1."""
+    name, _, weight = spec.partition(":")
+    try:
+        return name, float(weight) if weight else 1.0
+    except ValueError:
+        raise UserError(f"--loss {spec}: weight '{weight}' is not a number; expected NAME or NAME:WEIGHT") from None
+
+
 def build_criterion(args):
-    return Criterion([("ce", 1.0, cross_entropy)])
+    """The weighted sum of the --loss terms, each looked up in the loss registry."""
+    terms = []
+    for spec in args.loss:
+        name, weight = parse_loss_spec(spec)
+        if any(name == t[0] for t in terms):
+            raise UserError(f"--loss names '{name}' twice; expected each loss once")
+        terms.append((name, weight, LOSSES.get(name)(args)))
+    return Criterion(terms)

@@ -3,6 +3,10 @@
 A registry is a plain dict with a decorator in front of it, so a stack trace through it stays readable.
 """
 import difflib
+import importlib
+import importlib.util
+import os
+import sys
 
 from utils import UserError
 
@@ -35,3 +39,35 @@ class Registry:
 
     def __contains__(self, name):
         return name in self._builders
+
+
+_imported = set()
+
+
+def import_plugins(specs):
+    """Import each --plugin (a .py file or a module name) once, so that its decorators register their names."""
+    for spec in specs or []:
+        key = os.path.abspath(spec) if spec.endswith(".py") else spec
+        if key in _imported:
+            continue
+        try:
+            if spec.endswith(".py"):
+                if not os.path.isfile(spec):
+                    raise UserError(f"--plugin {spec}: no such file; expected a .py file or an importable module name")
+                name = "ailab_plugin_" + os.path.splitext(os.path.basename(spec))[0]
+                module_spec = importlib.util.spec_from_file_location(name, spec)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module
+                module_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(spec)
+        except UserError:
+            raise
+        except Exception as e:  # whatever the plugin raised, the user needs its name and the reason
+            raise UserError(f"--plugin {spec} failed to import: {type(e).__name__}: {e}") from e
+        _imported.add(key)
+
+
+def add_plugin_arg(group):
+    group.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="import a .py file or module that registers models, datasets or losses (repeatable)")

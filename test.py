@@ -7,14 +7,19 @@ import argparse
 import json
 import os
 
+import config
 import data
 import models
 import utils
+import synthetic
 from engine import evaluate
+from registry import add_plugin_arg, import_plugins
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    config.add_config_args(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
     g.add_argument("--dataset_path", default=None, help="default: the dataset the checkpoint was trained on")
@@ -24,19 +29,23 @@ def get_args_parser():
     g.add_argument("--no_save_pred", action="store_true", help="write metrics.json only, no prediction PNGs")
     g.add_argument("--batchsize", type=int, default=1, help="images per process per step (>1 needs one image size)")
     g.add_argument("--workers", type=int, default=2)
+    add_plugin_arg(g)
+    models.add_model_args(p, training=False)
     utils.add_dist_args(p)
     return p
 
 
 def main(args):
+    import_plugins(args.plugin)
     ctx = utils.init_distributed(args)
     log = utils.setup_logging(ctx)
-    model, ckpt = models.load_from_checkpoint(args.checkpoint, ctx.device)
+    model, ckpt = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
     trained = ckpt["args"]
     dataset_path = args.dataset_path or trained.get("dataset_path")
-    root = data.resolve_root(dataset_path, args.data_cache, ctx)
+    root = synthetic.resolve_root(dataset_path, args.data_cache, ctx)
     numclasses = trained["numclasses"]
-    dataset = data.SegmentationDataset(root, args.split, numclasses=numclasses, check_contents=True)
+    dataset = data.DATASETS.get(trained.get("dataset", "voc"))(argparse.Namespace(**trained), root, args.split,
+                                                                 train=False)
     loader = data.build_eval_loader(dataset, args.batchsize, args.workers, ctx.rank, ctx.world_size)
     save_path = args.save_path or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"test-{args.split}")
     pred_dir = os.path.join(save_path, "pred")

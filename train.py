@@ -6,24 +6,28 @@
 """
 import argparse
 import csv
-import json
 import os
 import time
 
-import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import config
 import data
 import models
+import synthetic
 import utils
 from engine import evaluate, train_one_epoch
-from losses import build_criterion
+from losses import LOSSES, build_criterion
 from optim import build_optimizer, lr_at
+from registry import add_plugin_arg, import_plugins
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # an abbreviation could silently hide a config key
+    config.add_config_args(p)
     g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="voc", help="registered dataset name: " + ", ".join(data.DATASETS.names()))
     g.add_argument("--dataset_path", default=None,
                    help="VOC-layout folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/); "
                         "default: the built-in synthetic data, generated on first use")
@@ -31,19 +35,13 @@ def get_args_parser():
                    help="where the built-in data is generated (env AILAB_DATA)")
     g.add_argument("--train_split", default="train", help="list file ImageSets/Segmentation/<split>.txt")
     g.add_argument("--val_split", default="val")
-    g.add_argument("--numclasses", type=int, default=None,
-                   help="classes including background; default 5 for the built-in data, 21 for a --dataset_path (VOC)")
     g.add_argument("--crop_size", type=int, default=96, help="square training crop in pixels")
     g.add_argument("--scale_range", type=float, nargs=2, default=[0.75, 1.5], metavar=("MIN", "MAX"),
                    help="random rescale range for training images")
     g.add_argument("--hflip_prob", type=float, default=0.5)
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
 
-    g = p.add_argument_group("model")
-    g.add_argument("--model_type", default="deeplabv3p", help="registered model name (see models/)")
-    g.add_argument("--layers", type=int, default=18, choices=[18, 34, 50, 101, 152], help="ResNet depth")
-    g.add_argument("--output_stride", type=int, default=16, choices=[8, 16])
-    g.add_argument("--head_channels", type=int, default=128, help="width of the ASPP and decoder convolutions")
+    g = models.add_model_args(p)
     g.add_argument("--freeze_bn", action="store_true", help="keep batch-norm layers in eval mode while training")
 
     g = p.add_argument_group("optimisation")
@@ -59,18 +57,24 @@ def get_args_parser():
     g.add_argument("--warmup_epochs", type=float, default=0.5, help="linear warmup length (may be fractional)")
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="warmup starts at this fraction of the LR")
     g.add_argument("--poly_power", type=float, default=0.9)
+    g.add_argument("--loss", nargs="+", default=["ce"], metavar="NAME[:WEIGHT]",
+                   help="weighted sum of registered losses: " + ", ".join(LOSSES.names()))
 
     g = p.add_argument_group("run")
     g.add_argument("--logdir", default=None, help="default runs/<model>-<time>, or the --resume checkpoint's folder")
     g.add_argument("--resume", default=None, help="checkpoint to continue from (next epoch, optimizer restored)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log_interval", type=int, default=10, help="log a training line every N steps (0: never)")
+    add_plugin_arg(g)
+    g.add_argument("--limit_batches", type=int, default=None,
+                   help="at most N training and N validation batches per epoch (smoke tests)")
     utils.add_dist_args(p)
     return p
 
 
 def main(args):
     started = time.time()
+    import_plugins(args.plugin)
     ctx = utils.init_distributed(args)
     named_logdir = args.logdir is not None
     if not named_logdir:
@@ -85,14 +89,11 @@ def main(args):
              else f"lr {lr:g} (not scaled by the {ctx.world_size} processes)")
 
     # Data: the built-in set is generated once per machine by local rank 0 while the others wait.
-    root = data.resolve_root(args.dataset_path, args.data_cache, ctx)
-    args.numclasses = args.numclasses or (21 if args.dataset_path else len(data.SYNTHETIC_CLASSES))
-    # Every file is read once up front, so a broken dataset stops here and not in the middle of an epoch.
-    train_set = data.SegmentationDataset(root, args.train_split, numclasses=args.numclasses, check_contents=True,
-                                         transform=data.TrainTransform(args.crop_size, args.scale_range,
-                                                                       args.hflip_prob))
-    val_set = data.SegmentationDataset(root, args.val_split, numclasses=args.numclasses, check_contents=True,
-                                       transform=data.EvalTransform())
+    root = synthetic.resolve_root(args.dataset_path, args.data_cache, ctx)
+    args.numclasses = args.numclasses or (21 if args.dataset_path else len(synthetic.SYNTHETIC_CLASSES))
+    build_dataset = data.DATASETS.get(args.dataset)
+    train_set = build_dataset(args, root, args.train_split, train=True)
+    val_set = build_dataset(args, root, args.val_split, train=False)
     train_loader, train_sampler = data.build_train_loader(train_set, args.batchsize, args.workers,
                                                           ctx.rank, ctx.world_size, args.seed)
     val_loader = data.build_eval_loader(val_set, args.val_batchsize, args.workers, ctx.rank, ctx.world_size)
@@ -119,7 +120,7 @@ def main(args):
         start_epoch, best_miou = ckpt["epoch"] + 1, ckpt["best_miou"]
         log.info(f"resumed from {args.resume}: continuing at epoch {start_epoch + 1}, best mIoU {best_miou:.4f}")
 
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = min(len(train_loader), args.limit_batches or len(train_loader))
     total_steps = args.epochs * steps_per_epoch
 
     def lr_fn(step):
@@ -131,8 +132,7 @@ def main(args):
     if ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.logdir, "tb"))
-        with open(os.path.join(args.logdir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        config.write_config(args, get_args_parser(), os.path.join(args.logdir, "config.toml"))
         if not named_logdir:
             utils.link_latest(args.logdir)
     utils.seed_everything(args.seed + ctx.rank)  # each rank draws its own augmentation stream
@@ -141,7 +141,7 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx, args)
-        val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device)
+        val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches)
         improved = val["miou"] > best_miou
         best_miou = max(best_miou, val["miou"])
         log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}, "

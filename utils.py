@@ -53,7 +53,7 @@ class Dist:
 
 
 def add_dist_args(parser):
-    g = parser.add_argument_group("processes and devices")
+    g = parser.add_argument_group("processes")
     g.add_argument("--device", default="auto",
                    help="auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--distributed", action="store_true",
@@ -102,7 +102,8 @@ def init_distributed(args):
         torch.cuda.set_device(device)
 
     ctx = Dist(rank, world, local, device, launcher=launcher)
-    if not (args.distributed or world > 1):
+    # --distributed without any launcher (e.g. a saved config re-run by hand) is simply one process.
+    if found is None or not (args.distributed or world > 1):
         return ctx
     if args.dist_url == "env://":
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -180,9 +181,16 @@ def seed_everything(seed):
 
 
 def run_entry(main, parser, argv=None):
-    """Parse flags and run `main(args)`; a UserError becomes one line on stderr and exit code 2."""
-    args = parser.parse_args(argv)
+    """Parse flags (config file, --set, command line) and run `main(args)`.
+
+    A UserError becomes one line on stderr and exit code 2.
+    """
+    import config  # config.py imports this module for UserError
     try:
+        args = config.parse_args(parser, argv)
+        if args.print_config:
+            print(config.to_toml(args, parser), end="")
+            return
         main(args)
     except UserError as e:
         rank = os.environ.get("RANK")
@@ -269,4 +277,4 @@ def check_compatible(ckpt, args, path):
     for key in MODEL_KEYS:
         if key in saved and getattr(args, key, None) is not None and saved[key] != getattr(args, key):
             raise UserError(f"checkpoint {path} was trained with --{key} {saved[key]}, "
-                            f"but this run has --{key} {getattr(args, key)}")
+                            f"but this run has --{key} {getattr(args, key)}; drop the flag or use another checkpoint")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import data
+import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough that a whole run takes seconds on 2 CPU cores.
@@ -43,7 +43,7 @@ def torchrun(nproc, args, **kw):
 def tiny_data(tmp_path_factory):
     """16 train / 7 val images at 64 px: 7 is odd, so no world size of 2 or 3 divides it."""
     root = tmp_path_factory.mktemp("tiny") / "voc"
-    data.make_synthetic_voc(str(root), n_train=16, n_val=7, size=64, seed=1)
+    synthetic.make_synthetic_voc(str(root), n_train=16, n_val=7, size=64, seed=1)
     return str(root)
 
 

@@ -1,0 +1,182 @@
+"""Config files (TOML, YAML, JSON) and `--set KEY=VALUE` as flag defaults, checked as strictly as the flags.
+
+Precedence: built-in default < --config file < --set < a flag typed on the command line.
+A file's keys are flag names; tables may group them (`[optim] lr = 0.02`) but a key stays unique.
+"""
+import argparse
+import difflib
+import json
+import os
+import sys
+import tomllib
+
+import tomli_w
+import yaml
+
+from utils import UserError
+
+# Flags that steer the parsing itself, or name this process, and so never come from or go to a file.
+META = {"help", "config", "set", "print_config", "local_rank"}
+# Resolved, but left out of a saved config so that re-running it starts a new run.
+NOT_SAVED = META | {"logdir", "resume"}
+# Names people bring from other trainers, mapped to ours for the "did you mean" hint.
+SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "batch_size": "batchsize", "num_workers": "workers",
+            "num_classes": "numclasses", "n_classes": "numclasses", "max_epochs": "epochs", "depth": "layers",
+            "backbone": "layers", "model": "model_type", "arch": "model_type", "data_root": "dataset_path",
+            "data_path": "dataset_path", "output_dir": "logdir", "work_dir": "logdir", "log_dir": "logdir",
+            "wd": "weight_decay", "crop": "crop_size", "os": "output_stride"}
+
+
+def add_config_args(parser):
+    g = parser.add_argument_group("config")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML, YAML or JSON file whose keys are flag names; flags on the command line win")
+    g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override keys as in a config file, e.g. --set lr=0.02 scale_range=[0.5,2]")
+    g.add_argument("--print_config", action="store_true", help="print the resolved configuration as TOML and exit")
+
+
+def flag_actions(parser):
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in META}
+
+
+def parse_args(parser, argv=None):
+    """argparse with config-file and --set defaults; explicit flags always win."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--set", nargs="+", default=[])
+    known, _ = pre.parse_known_args(argv)
+    actions = flag_actions(parser)
+    values = {}
+    if known.config:
+        for key, (value, where) in flatten(read_config(known.config), actions, known.config).items():
+            values[key] = convert(actions[key], value, f"'{where}' in {known.config}")
+    for item in known.set:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set lr=0.02")
+        if key not in actions:
+            raise UserError(unknown_key(key, actions, "--set"))
+        values[key] = convert(actions[key], text, f"'{key}' in --set", from_text=True)
+    for key in values:
+        actions[key].required = False  # a file may supply what the command line must otherwise give
+    parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def read_config(path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist; expected a .toml, .yaml/.yml or .json file")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".toml":
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        elif ext in (".yaml", ".yml"):
+            with open(path) as f:
+                table = yaml.safe_load(f)
+        elif ext == ".json":
+            with open(path) as f:
+                table = json.load(f)
+        else:
+            raise UserError(f"config file {path}: unknown extension '{ext}'; expected .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} could not be parsed: {' '.join(str(e).split())}") from e
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise UserError(f"config file {path}: expected a table of flag names at the top, found {type(table).__name__}")
+    return table
+
+
+def flatten(table, actions, path, prefix=""):
+    """{flag: (value, where)} from nested tables; a key that is not a flag must be a table of flags."""
+    out = {}
+    for key, value in table.items():
+        where = prefix + str(key)
+        name = str(key).replace("-", "_")
+        if name in actions:
+            found = {name: (value, where)}
+        elif isinstance(value, dict):
+            found = flatten(value, actions, path, where + ".")
+        else:
+            raise UserError(unknown_key(name, actions, path, where))
+        for name, item in found.items():
+            if name in out:
+                raise UserError(f"key '{name}' appears twice in {path} (as '{out[name][1]}' and '{item[1]}'); "
+                                f"expected each flag once")
+            out[name] = item
+    return out
+
+
+def unknown_key(key, actions, source, where=None):
+    if key in META:
+        return f"'{key}' cannot be set in {source}; give it on the command line"
+    names = list(actions)
+    close = ([SYNONYMS[key]] if SYNONYMS.get(key) in actions else []) + \
+        [n for n in difflib.get_close_matches(key, names, n=3, cutoff=0.6) if n != SYNONYMS.get(key)]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "; see --help for the flag names"
+    return f"unknown key '{where or key}' in {source}{hint}"
+
+
+def convert(action, value, name, from_text=False):
+    """A file or --set value, converted and checked as argparse would treat the same flag."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if from_text:
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+                value.strip().lower(), value)
+        if not isinstance(value, bool):
+            raise UserError(f"{name}: {value!r} is not a boolean; expected true or false")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
+    if many:
+        if from_text:
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            value = [value] if isinstance(action, argparse._AppendAction) else value
+        if not isinstance(value, list):
+            raise UserError(f"{name}: {value!r} is not a list; expected a list such as [1, 2]")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise UserError(f"{name}: {value!r} has {len(value)} values; expected {action.nargs}")
+        if action.nargs == "+" and not value:
+            raise UserError(f"{name}: the list is empty; expected at least one value")
+        return [convert_one(action, v, name) for v in value]
+    if value is None:
+        return None
+    return convert_one(action, value, name)
+
+
+def convert_one(action, value, name):
+    if isinstance(value, (bool, list, dict)):
+        raise UserError(f"{name}: {value!r} is not a single {getattr(action.type, '__name__', 'string')}")
+    try:
+        out = action.type(str(value)) if action.type else str(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise UserError(f"{name}: {value!r} is not a valid {getattr(action.type, '__name__', 'value')}") from e
+    if action.choices is not None and out not in action.choices:
+        raise UserError(f"{name}: {out!r} is not one of {', '.join(map(str, action.choices))}")
+    return out
+
+
+def to_toml(args, parser):
+    """The resolved flags as TOML, one table per --help group; unset (None) flags are left out."""
+    tables = {}
+    for group in parser._action_groups:
+        table = {}
+        for action in group._group_actions:
+            value = getattr(args, action.dest, None)
+            if action.option_strings and action.dest not in NOT_SAVED and value is not None:
+                table[action.dest] = list(value) if isinstance(value, tuple) else value
+        if table:
+            tables[group.title] = table
+    return tomli_w.dumps(tables)
+
+
+def write_config(args, parser, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"# resolved configuration; re-run with: python train.py --config {path}\n")
+        f.write(to_toml(args, parser))
+    os.replace(tmp, path)
