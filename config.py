@@ -4,7 +4,6 @@ Precedence: built-in default < --config file < --set < a flag typed on the comma
 A file's keys are flag names; tables may group them (`[optim] lr = 0.02`) but a key stays unique.
 """
 import argparse
-import difflib
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ import tomllib
 import tomli_w
 import yaml
 
+from registry import suggest
 from utils import UserError
 
 # Flags that steer the parsing itself, or name this process, and so never come from or go to a file.
@@ -114,11 +114,8 @@ def flatten(table, actions, path, prefix=""):
 def unknown_key(key, actions, source, where=None):
     if key in META:
         return f"'{key}' cannot be set in {source}; give it on the command line"
-    names = list(actions)
-    close = ([SYNONYMS[key]] if SYNONYMS.get(key) in actions else []) + \
-        [n for n in difflib.get_close_matches(key, names, n=3, cutoff=0.6) if n != SYNONYMS.get(key)]
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "; see --help for the flag names"
-    return f"unknown key '{where or key}' in {source}{hint}"
+    hint = suggest(key, actions, SYNONYMS) or "see --help for the flag names"
+    return f"unknown key '{where or key}' in {source}; {hint}"
 
 
 def convert(action, value, name, from_text=False):

@@ -11,6 +11,16 @@ import sys
 from utils import UserError
 
 
+def suggest(name, candidates, synonyms=None):
+    """' did you mean ...?' for a mistyped name: a known synonym, the same name without underscores, or close ones."""
+    candidates = list(candidates)
+    squash = name.replace("_", "").lower()
+    close = ([synonyms[name]] if synonyms and synonyms.get(name) in candidates else
+             [c for c in candidates if c.replace("_", "").lower() == squash] or
+             difflib.get_close_matches(name, candidates, n=3, cutoff=0.6))
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 class Registry:
     def __init__(self, kind):
         self.kind = kind
@@ -29,9 +39,8 @@ class Registry:
 
     def get(self, name):
         if name not in self._builders:
-            close = difflib.get_close_matches(name, self._builders, n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise UserError(f"unknown {self.kind} '{name}'{hint} known: {', '.join(self.names())}")
+            hint = suggest(name, self._builders)
+            raise UserError(f"unknown {self.kind} '{name}'; {hint + ' ' if hint else ''}known: {', '.join(self.names())}")
         return self._builders[name]
 
     def names(self):
