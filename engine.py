@@ -2,10 +2,13 @@
 import itertools
 import logging
 import math
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
+import inference
 from metrics import ConfusionMatrix
 from optim import set_lr
 from utils import UserError, all_reduce_sum
@@ -22,13 +25,21 @@ def set_train_mode(model, freeze_bn=False):
                 m.eval()
 
 
-def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx, args):
+def show_progress(ctx, args):
+    """Bars on rank 0 in a terminal; plain log lines under CI, in files, or with --no_progress."""
+    return ctx.is_main and not args.no_progress and sys.stdout.isatty()
+
+
+def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx, args, recorder):
     """Train one epoch; returns (metrics averaged over all ranks, global step after the epoch)."""
     set_train_mode(model, args.freeze_bn)
-    sums = torch.zeros(2, dtype=torch.float64)  # loss sum, batch count
-    seen, start = 0, time.perf_counter()
     n = min(len(loader), args.limit_batches or len(loader))
+    bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout, dynamic_ncols=True,
+               leave=False, disable=not show_progress(ctx, args))
+    sums, smoothed, seen, data_wait = None, None, 0, 0.0
+    start = ready = time.perf_counter()
     for i, (image, target) in enumerate(itertools.islice(loader, n)):
+        data_wait += time.perf_counter() - ready
         image = image.to(ctx.device, non_blocking=True)
         target = target.to(ctx.device, non_blocking=True)
         lr = lr_fn(step)
@@ -36,42 +47,68 @@ def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx
         loss, terms = criterion(model(image), target)
         value = loss.item()
         if not math.isfinite(value):
-            raise UserError(f"loss is {value} at epoch {epoch}, step {i + 1}/{n} (lr {lr:.4g}); "
+            raise UserError(f"loss is {value} at epoch {epoch + 1}, step {i + 1}/{n} (lr {lr:.4g}); "
                             f"expected a finite loss: lower --lr or check the labels")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         seen += image.shape[0]
-        sums += torch.tensor([value, 1.0], dtype=torch.float64)
+        values = torch.tensor([value, *terms.values(), 1.0], dtype=torch.float64)
+        sums = values if sums is None else sums + values
+        smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+        ready = time.perf_counter()
+        rate, wait = seen * ctx.world_size / (ready - start), data_wait / (ready - start)
+        bar.set_postfix_str(f"loss {smoothed:.4f} lr {lr:.2e} {rate:.1f} img/s data {wait:.0%}", refresh=False)
+        bar.update()
         if args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == n):
-            rate = seen * ctx.world_size / (time.perf_counter() - start)
-            log.info(f"epoch {epoch + 1}/{args.epochs} [{i + 1}/{n}] loss {value:.4f} lr {lr:.5f} "
-                     f"{rate:.1f} img/s")
+            if bar.disable:
+                log.info(f"epoch {epoch + 1}/{args.epochs} [{i + 1}/{n}] loss {smoothed:.4f} lr {lr:.5f} "
+                         f"{rate:.1f} img/s data wait {wait:.0%}")
+            record = {"train/loss": value, **{f"train/loss_{k}": float(v) for k, v in terms.items()},
+                      "train/lr": lr, "train/images_per_s": rate, "train/data_wait": wait}
+            recorder.scalars(record, step)
+            recorder.event({"epoch": epoch + 1, "step": step, "time": time.time(), **record})
+    bar.close()
     all_reduce_sum(sums)
-    return {"loss": (sums[0] / sums[1].clamp(min=1)).item(), "lr": lr_fn(step - 1) if step else 0.0,
-            "time": time.perf_counter() - start, "images_per_s": seen * ctx.world_size / (time.perf_counter() - start)}, step
+    means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+    elapsed = time.perf_counter() - start
+    return {"loss": means[0], "terms": dict(zip(terms, means[1:])), "lr": lr_fn(step - 1),
+            "time": elapsed, "images_per_s": seen * ctx.world_size / elapsed, "data_wait": data_wait / elapsed}, step
 
 
-def predict(model, image):
-    """Class scores for a batch at the input's size. Multi-scale, flip and sliding window plug in here."""
-    return model(image)
+def predict(model, image, options=None):
+    """Class probabilities for a batch at the input's size; `options` (inference.PredictOptions) adds
+    scales, flips and sliding windows. Plain single-scale prediction without them."""
+    return inference.predict_probs(model, image, options)
 
 
 @torch.no_grad()
-def evaluate(model, loader, numclasses, device, on_prediction=None, limit=None):
+def evaluate(model, loader, numclasses, device, on_prediction=None, limit=None, options=None):
     """Confusion-matrix metrics over a ShardSampler loader, summed over all ranks.
 
-    `on_prediction(index, pred)` is called for each image with its dataset index and predicted mask.
+    `on_prediction(index, pred, image)` is called for each image with its dataset index, predicted mask
+    (numpy) and input tensor (CPU). Predictions are compared with the labels at the labels' own size.
     """
     model.eval()
     cm = ConfusionMatrix(numclasses, device)
     order = iter(loader.sampler)
     for image, target in itertools.islice(loader, limit):
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        pred = predict(model, image).argmax(1)
+        pred = predict(model, image, options).argmax(1)
         cm.update(target, pred)
         if on_prediction is not None:
-            for p in pred:
-                on_prediction(next(order), p.cpu().numpy())
-    return cm.reduce().compute()
+            for p, im in zip(pred, image):
+                on_prediction(next(order), p.cpu().numpy(), im.cpu())
+    metrics = cm.reduce().compute()
+    # Frequency-weighted IoU and Dice come from the same summed matrix, so they agree across world sizes too.
+    m = cm.mat.double().cpu()
+    tp, gt, pr = m.diag(), m.sum(1), m.sum(0)
+    dice = 2 * tp / (gt + pr)
+    iou = tp / (gt + pr - tp)
+    seen = gt > 0
+    metrics["fwiou"] = float((gt[seen] / gt.sum() * iou[seen]).sum()) if seen.any() else 0.0
+    metrics["dice"] = [None if v != v else float(v) for v in dice.tolist()]  # NaN: class absent everywhere
+    metrics["class_acc"] = [None if v != v else float(v) for v in (tp / gt).tolist()]
+    metrics["confusion"] = cm.mat.cpu().tolist()
+    return metrics

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node=2 train.py --distributed
 """
 import argparse
-import csv
 import os
 import time
 
@@ -18,6 +17,7 @@ import synthetic
 import utils
 from engine import evaluate, train_one_epoch
 from losses import LOSSES, build_criterion
+from monitor import GpuMonitor, Recorder, add_monitor_args, gpu_memory_scalars, peak_memory, prediction_grid
 from optim import build_optimizer, lr_at
 from registry import add_plugin_arg, import_plugins
 
@@ -68,6 +68,7 @@ def get_args_parser():
     add_plugin_arg(g)
     g.add_argument("--limit_batches", type=int, default=None,
                    help="at most N training and N validation batches per epoch (smoke tests)")
+    add_monitor_args(p)
     utils.add_dist_args(p)
     return p
 
@@ -87,6 +88,8 @@ def main(args):
     log.info(f"{ctx.world_size} process(es) on {ctx.device} (backend {ctx.backend or 'none'}); logdir {args.logdir}")
     log.info(f"lr {args.lr:g} × {ctx.world_size} processes = {lr:g}" if args.lr_scaling == "linear"
              else f"lr {lr:g} (not scaled by the {ctx.world_size} processes)")
+    log.info(f"batch {args.batchsize} per process × {ctx.world_size} = {args.batchsize * ctx.world_size} per step")
+    gpu_monitor = GpuMonitor(args, ctx)
 
     # Data: the built-in set is generated once per machine by local rank 0 while the others wait.
     root = synthetic.resolve_root(args.dataset_path, args.data_cache, ctx)
@@ -128,32 +131,31 @@ def main(args):
                      args.warmup_ratio, args.poly_power)
 
     class_names = data.class_names(root, args.numclasses)
-    writer = None
+    config_text = config.to_toml(args, get_args_parser())
+    log.info("resolved configuration:\n" + config_text.rstrip())
     if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.logdir, "tb"))
         config.write_config(args, get_args_parser(), os.path.join(args.logdir, "config.toml"))
         if not named_logdir:
             utils.link_latest(args.logdir)
+    recorder = Recorder(args, ctx, config_text)
     utils.seed_everything(args.seed + ctx.rank)  # each rank draws its own augmentation stream
 
-    step = start_epoch * steps_per_epoch
+    step, best_epoch, rates = start_epoch * steps_per_epoch, 0, []
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
-        train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx, args)
+        train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx, args,
+                                      recorder)
         val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches)
         improved = val["miou"] > best_miou
-        best_miou = max(best_miou, val["miou"])
+        best_miou, best_epoch = (val["miou"], epoch + 1) if improved else (best_miou, best_epoch)
+        rates.append(train["images_per_s"])
         log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}, "
                  f"pixel acc {val['acc']:.4f}, {train['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
+        record_epoch(recorder, epoch + 1, train, val, class_names)
+        if ctx.is_main and args.vis_interval and (epoch + 1) % args.vis_interval == 0:
+            recorder.image("val/predictions", prediction_grid(model_without_ddp, val_set, args.vis_images,
+                                                               ctx.device), epoch + 1)
         if ctx.is_main:
-            row = {"epoch": epoch + 1, "lr": f"{train['lr']:.6g}", "train_loss": f"{train['loss']:.6f}",
-                   "val_miou": f"{val['miou']:.6f}", "val_acc": f"{val['acc']:.6f}",
-                   "epoch_time": f"{train['time']:.2f}", "images_per_s": f"{train['images_per_s']:.2f}"}
-            append_csv(os.path.join(args.logdir, "summary.csv"), row)
-            for key, value in (("train/loss", train["loss"]), ("train/lr", train["lr"]),
-                               ("val/miou", val["miou"]), ("val/acc", val["acc"])):
-                writer.add_scalar(key, value, epoch + 1)
             state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                      "epoch": epoch, "best_miou": best_miou, "val": val, "args": vars(args),
                      "world_size": ctx.world_size, "class_names": class_names}
@@ -161,20 +163,34 @@ def main(args):
             if improved:
                 utils.save_checkpoint(state, os.path.join(args.logdir, "best.pth"))
 
-    if ctx.is_main:
-        writer.close()
-    log.info(f"done in {time.time() - started:.0f} s: best val mIoU {best_miou:.4f}; "
-             f"checkpoints in {args.logdir}")
+    gpu_monitor.stop()
+    recorder.close(hparams=vars(args), metrics={"hparams/best_miou": best_miou})
+    rss, gpu = peak_memory()
+    log.info(f"done in {time.time() - started:.0f} s: best val mIoU {best_miou:.4f} at epoch {best_epoch}"
+             + (f"; last epoch val mIoU {val['miou']:.4f}, pixel acc {val['acc']:.4f}" if rates else "")
+             + (f"; mean {sum(rates) / len(rates):.1f} img/s" if rates else "")
+             + f"; peak memory {rss:.0f} MiB RSS" + (f", {gpu:.0f} MiB GPU" if gpu else "")
+             + f"; checkpoints {os.path.join(args.logdir, 'best.pth')} and {os.path.join(args.logdir, 'last.pth')}")
     utils.cleanup_distributed()
 
 
-def append_csv(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+def record_epoch(recorder, epoch, train, val, class_names):
+    """One epoch's numbers to TensorBoard/W&B and a row of summary.csv."""
+    scalars = {"epoch/train_loss": train["loss"], **{f"epoch/train_loss_{k}": v for k, v in train["terms"].items()},
+               "epoch/lr": train["lr"], "epoch/images_per_s": train["images_per_s"],
+               "epoch/data_wait": train["data_wait"], "val/miou": val["miou"], "val/acc": val["acc"],
+               "val/mean_class_acc": val["mean_class_acc"],
+               **{f"val/iou/{name}": iou for name, iou in zip(class_names, val["iou"]) if iou is not None},
+               **gpu_memory_scalars()}
+    recorder.scalars(scalars, epoch)
+    row = {"epoch": epoch, "lr": f"{train['lr']:.6g}", "train_loss": f"{train['loss']:.6f}",
+           **{f"train_loss_{k}": f"{v:.6f}" for k, v in train["terms"].items()},
+           "val_miou": f"{val['miou']:.6f}", "val_acc": f"{val['acc']:.6f}",
+           "val_mean_class_acc": f"{val['mean_class_acc']:.6f}",
+           **{f"val_iou_{name}": "" if iou is None else f"{iou:.6f}" for name, iou in zip(class_names, val["iou"])},
+           "epoch_time": f"{train['time']:.2f}", "images_per_s": f"{train['images_per_s']:.2f}",
+           "data_wait": f"{train['data_wait']:.3f}"}
+    recorder.epoch_row(row)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def check_one_set_of_outputs(logdir, proc, nproc=2):
     files = set(os.listdir(logdir))
     assert OUTPUTS <= files
     assert not any(f.endswith(".tmp") or "rank" in f for f in files), files
-    assert len(os.listdir(os.path.join(logdir, "tb"))) == 1, "more than one TensorBoard event file"
+    events = [f for f in os.listdir(os.path.join(logdir, "tb")) if f.startswith("events.out")]
+    assert len(events) == 1, f"expected one TensorBoard event file, found {events}"
+    assert proc.stdout.count(" [1/2] ") == 1, "more than one rank printed progress"
     rows = read_csv(os.path.join(logdir, "summary.csv"))
     assert len(rows) == 1, "more than one rank wrote summary.csv"
     assert f"lr 0.01 × {nproc} processes = 0.02" in proc.stdout
