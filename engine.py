@@ -84,7 +84,7 @@ def predict(model, image, options=None):
 
 
 @torch.no_grad()
-def evaluate(model, loader, numclasses, device, on_prediction=None, limit=None, options=None):
+def evaluate(model, loader, numclasses, device, on_prediction=None, limit=None, options=None, progress=False):
     """Confusion-matrix metrics over a ShardSampler loader, summed over all ranks.
 
     `on_prediction(index, pred, image)` is called for each image with its dataset index, predicted mask
@@ -93,22 +93,14 @@ def evaluate(model, loader, numclasses, device, on_prediction=None, limit=None, 
     model.eval()
     cm = ConfusionMatrix(numclasses, device)
     order = iter(loader.sampler)
-    for image, target in itertools.islice(loader, limit):
+    total = min(len(loader), limit or len(loader))
+    batches = tqdm(itertools.islice(loader, limit), total=total, desc="val", file=sys.stdout, dynamic_ncols=True,
+                   leave=False, disable=not progress)
+    for image, target in batches:
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         pred = predict(model, image, options).argmax(1)
         cm.update(target, pred)
         if on_prediction is not None:
             for p, im in zip(pred, image):
                 on_prediction(next(order), p.cpu().numpy(), im.cpu())
-    metrics = cm.reduce().compute()
-    # Frequency-weighted IoU and Dice come from the same summed matrix, so they agree across world sizes too.
-    m = cm.mat.double().cpu()
-    tp, gt, pr = m.diag(), m.sum(1), m.sum(0)
-    dice = 2 * tp / (gt + pr)
-    iou = tp / (gt + pr - tp)
-    seen = gt > 0
-    metrics["fwiou"] = float((gt[seen] / gt.sum() * iou[seen]).sum()) if seen.any() else 0.0
-    metrics["dice"] = [None if v != v else float(v) for v in dice.tolist()]  # NaN: class absent everywhere
-    metrics["class_acc"] = [None if v != v else float(v) for v in (tp / gt).tolist()]
-    metrics["confusion"] = cm.mat.cpu().tolist()
-    return metrics
+    return cm.reduce().compute()

@@ -1,22 +1,38 @@
-"""Predict a palette PNG mask for each input image.
+"""Predict a palette PNG mask for each input image, or export the checkpoint's model.
 
-    python infer.py --checkpoint runs/x/best.pth --input img.jpg|folder|'glob*.jpg' --output predictions
+    python infer.py --checkpoint runs/x/best.pth --input img.jpg|folder|'glob*.jpg'|list.txt --output predictions
+    python infer.py --checkpoint runs/x/best.pth --input photos --recursive --save_overlay --scales 0.75 1 --flip
+    torchrun --nproc_per_node=2 infer.py --distributed --checkpoint runs/x/best.pth --input photos
+    python infer.py --checkpoint runs/x/best.pth --export onnx|torchscript [--export_path model.onnx]
+
+Each output keeps the input's path relative to the input folder (or to the folder the inputs share).
+Existing outputs are kept unless --overwrite; an unreadable image is reported, skipped and makes the exit code 1.
 """
 import argparse
 import glob
+import json
 import os
+import sys
 
 import cv2
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 import config
 import data
+import export
+import inference
 import models
 import utils
 from engine import predict
 from registry import add_plugin_arg, import_plugins
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+INPUT_KINDS = "an image, a folder of images, a quoted glob pattern, or a .txt file listing image paths"
 
 
 def get_args_parser():
@@ -25,28 +41,26 @@ def get_args_parser():
     config.add_config_args(p)
     g = p.add_argument_group("inference")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
-    g.add_argument("--input", required=True, help="an image, a folder of images, or a quoted glob pattern")
-    g.add_argument("--output", default="predictions", help="folder for the masks (input folder layout is kept)")
+    g.add_argument("--input", default=None, help=INPUT_KINDS + " (relative list entries: to the list's folder)")
+    g.add_argument("--recursive", action="store_true", help="with a folder --input, also take its subfolders")
+    g.add_argument("--output", default="predictions", help="folder for the results (the inputs' layout is kept)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping them")
+    g.add_argument("--save_overlay", action="store_true", help="also write <name>_overlay.jpg: image and mask blended")
+    g.add_argument("--save_probs", action="store_true", help="also write <name>_probs.npy: float32 K x H x W")
+    g.add_argument("--class_names", default=None, metavar="FILE",
+                   help="one class name per line, for predictions.jsonl; default: the checkpoint's")
+    g.add_argument("--workers", type=int, default=2, help="image-reading processes")
     add_plugin_arg(g)
+    g = p.add_argument_group("export")
+    g.add_argument("--export", default=None, choices=sorted(export.EXTENSIONS),
+                   help="write the model as a deployable file instead of predicting (no --input needed)")
+    g.add_argument("--export_path", default=None, help="default: the checkpoint's path with .onnx or .pt")
+    g.add_argument("--export_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="example input size for the export; default: the checkpoint's training crop")
+    inference.add_inference_args(p, crop_help="window side for --sliding; default: the checkpoint's training crop")
     models.add_model_args(p, training=False)
     utils.add_dist_args(p)
     return p
-
-
-def collect_inputs(spec):
-    """(paths, base folder) for an image, a folder or a glob; the base keeps the output layout relative."""
-    if os.path.isfile(spec):
-        return [spec], os.path.dirname(spec)
-    if os.path.isdir(spec):
-        paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTENSIONS))
-        base = spec
-    else:
-        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
-    if not paths:
-        raise utils.UserError(f"--input {spec}: no image found; expected an image file, a folder of "
-                              f"{'/'.join(IMAGE_EXTENSIONS)} files, or a glob pattern that matches some")
-    return paths, base
 
 
 @torch.no_grad()
@@ -54,28 +68,221 @@ def main(args):
     import_plugins(args.plugin)
     ctx = utils.init_distributed(args)
     log = utils.setup_logging(ctx)
-    paths, base = collect_inputs(args.input)
-    model, _ = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
-    model.eval()
-    mine = paths[ctx.rank::ctx.world_size]  # each image is predicted by exactly one rank
-    failed = 0
-    for path in mine:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            log.warning(f"skipped {path}: not a readable image")
-            failed += 1
+    model, ckpt = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
+    trained = ckpt["args"]
+    if args.export:
+        if ctx.is_main:  # one file, one writer
+            export_checkpoint(model, trained, args, log)
+        utils.cleanup_distributed()
+        return
+    if not args.input:
+        raise utils.UserError(f"--input is missing; expected {INPUT_KINDS} (or --export to export the model)")
+    options = inference.options_from_args(args, ctx.device, trained.get("crop_size") or 512)
+    numclasses = trained["numclasses"]
+    names = (inference.read_class_names(args.class_names, numclasses) if args.class_names
+             else ckpt.get("class_names") or [f"class {i}" for i in range(numclasses)])
+
+    # Plan: every input's outputs; inputs whose outputs exist are skipped, so a re-run only does what is missing.
+    # Rank 0 alone looks at what exists, before anyone writes: a slower rank would otherwise see the masks
+    # a faster one has just written, and the ranks would shard different lists.
+    paths, base = collect_inputs(args.input, args.recursive, args.output)
+    jobs = plan_outputs(paths, base, args)
+    exists = utils.broadcast_object([any(os.path.exists(f) for f in job["files"].values()) for job in jobs]
+                                    if ctx.is_main else None)
+    todo = [job for job, done in zip(jobs, exists) if args.overwrite or not done]
+    skipped = len(jobs) - len(todo)
+    log.info(f"{len(jobs)} input(s) from {args.input}; {skipped} skipped (outputs exist), {len(todo)} to predict "
+             f"on {ctx.world_size} process(es); prediction: {options.describe()}")
+
+    # Each rank reads and predicts its own shard; unreadable images come back as failures, not exceptions.
+    images = ImageFiles([job["path"] for job in todo], keep_rgb=args.save_overlay)
+    sampler = data.ShardSampler(len(images), ctx.rank, ctx.world_size)
+    loader = DataLoader(images, batch_size=None, sampler=sampler, num_workers=args.workers,
+                        worker_init_fn=data.seed_worker, pin_memory=ctx.device.type == "cuda")
+    records, failed = [], []
+    for item in tqdm(loader, total=len(sampler), desc="predict", file=sys.stdout, dynamic_ncols=True,
+                     disable=not (ctx.is_main and sys.stdout.isatty())):
+        job = todo[int(item["index"])]
+        if item["error"] is not None:
+            log.warning(f"skipped {job['path']}: {item['error']}")
+            failed.append(job["path"])
             continue
-        tensor = data.to_normalized_tensor(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-        mask = predict(model, tensor.unsqueeze(0).to(ctx.device)).argmax(1)[0].to(torch.uint8).cpu().numpy()
-        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
-        out = os.path.join(args.output, os.path.splitext(rel)[0] + ".png")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        data.save_palette_png(out, mask)
-    counts = utils.all_reduce_sum(torch.tensor([len(mine) - failed, failed]))
-    log.info(f"wrote {int(counts[0])} masks to {args.output}" + (f"; {int(counts[1])} inputs failed" if counts[1] else ""))
+        probs = predict(model, item["image"].unsqueeze(0).to(ctx.device), options)[0]
+        mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        write_outputs(job["files"], mask, probs, item["rgb"])
+        height, width = mask.shape
+        records.append({"path": job["path"], "mask": os.path.relpath(job["files"]["mask"], args.output),
+                        "height": height, "width": width,
+                        "fractions": dict(zip(names, inference.class_fractions(mask, numclasses)))})
+
+    # One predictions.jsonl, written by rank 0 from every rank's records.
+    shards = gather_to_main(records)
+    n_failed = int(utils.all_reduce_sum(torch.tensor([len(failed)]))[0])
+    if ctx.is_main:
+        records = [r for shard in shards for r in shard]
+        jsonl = os.path.join(args.output, "predictions.jsonl")
+        os.makedirs(args.output, exist_ok=True)
+        total = update_jsonl(jsonl, records)
+        log.info(f"wrote {len(records)} masks to {args.output} and {total} records to {jsonl}"
+                 + (f"; skipped {skipped} input(s) whose outputs exist (--overwrite replaces them)" if skipped else "")
+                 + (f"; {n_failed} input(s) failed" if n_failed else ""))
     utils.cleanup_distributed()
-    if counts[1]:
+    if n_failed:
         raise SystemExit(1)
+
+
+def export_checkpoint(model, trained, args, log):
+    path = args.export_path or export.default_path(args.checkpoint, args.export)
+    if os.path.exists(path) and not args.overwrite:
+        raise utils.UserError(f"--export_path {path} exists; pass --overwrite to replace it")
+    size = tuple(args.export_size) if args.export_size else (trained.get("crop_size") or 512,) * 2
+    if min(size) < 1:
+        raise utils.UserError(f"--export_size {size[0]} {size[1]}: expected positive sizes")
+    log.info(f"exporting {args.checkpoint} as {args.export} (example input {size[0]}x{size[1]}, H x W)")
+    info = export.export_model(model, args.export, path, size)
+    shape = "dynamic batch, height and width" if info["dynamic"] else f"fixed input 1x3x{size[0]}x{size[1]}"
+    log.info(f"wrote {path}: {shape}; max abs difference from PyTorch {info['max_abs_diff']:.2e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and outputs.
+
+def collect_inputs(spec, recursive=False, output=None):
+    """(paths, base folder) for an image, a folder, a glob or a list file; the base keeps the output layout."""
+    if os.path.isdir(spec):
+        paths = folder_images(spec, recursive, output)
+        if not paths:
+            deeper = [] if recursive else folder_images(spec, True, output)
+            raise utils.UserError(f"--input {spec}: no {'/'.join(IMAGE_EXTENSIONS)} image in the folder"
+                                  + (f" ({len(deeper)} in its subfolders: add --recursive)" if deeper else ""))
+        return paths, spec
+    if os.path.isfile(spec) and spec.lower().endswith(LIST_EXTENSIONS):
+        paths = read_list(spec)
+    elif os.path.isfile(spec):
+        return [spec], os.path.dirname(spec)
+    elif glob.has_magic(spec):
+        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not paths:
+            raise utils.UserError(f"--input {spec}: the glob pattern matches no file; expected {INPUT_KINDS}")
+    else:
+        raise utils.UserError(f"--input {spec} does not exist; expected {INPUT_KINDS}")
+    return paths, os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+
+
+def folder_images(folder, recursive, output=None):
+    """Images in `folder` (and its subfolders when recursive), sorted; an output folder inside it is left out,
+    so that re-running never takes earlier masks for inputs."""
+    skip = os.path.abspath(output) if output else None
+    found = []
+    for here, subdirs, files in os.walk(folder):
+        subdirs[:] = sorted(d for d in subdirs if os.path.abspath(os.path.join(here, d)) != skip) if recursive else []
+        found += [os.path.join(here, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def read_list(path):
+    """Paths in a list file, one per line; relative ones are taken from the list's folder. Duplicates dropped."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        entries = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not entries:
+        raise utils.UserError(f"--input {path} lists no image; expected one image path per line")
+    return list(dict.fromkeys(os.path.normpath(os.path.join(folder, e)) for e in entries))
+
+
+def plan_outputs(paths, base, args):
+    """For each input, the files it will write under --output; two inputs may not share an output."""
+    jobs, owner = [], {}
+    for path in paths:
+        stem = os.path.join(args.output, os.path.splitext(os.path.relpath(os.path.abspath(path),
+                                                                           os.path.abspath(base)))[0])
+        files = {"mask": stem + ".png"}
+        if args.save_overlay:
+            files["overlay"] = stem + "_overlay.jpg"
+        if args.save_probs:
+            files["probs"] = stem + "_probs.npy"
+        for f in files.values():
+            key = os.path.abspath(f)
+            if key in owner:
+                raise utils.UserError(f"--input: {owner[key]} and {path} would both write {f}; rename one of them "
+                                      f"or predict them into different --output folders")
+            owner[key] = path
+        jobs.append({"path": path, "files": files})
+    clash = set(owner) & {os.path.abspath(p) for p in paths}
+    if clash:
+        raise utils.UserError(f"--output {args.output}: the mask {sorted(clash)[0]} would replace an input image; "
+                              f"choose another --output folder")
+    return jobs
+
+
+class ImageFiles(Dataset):
+    """Images by path as {index, image (normalised tensor), rgb, error}; a file that cannot be read gives
+    image=None and the reason in `error`, so one bad file does not stop the loader."""
+
+    def __init__(self, paths, keep_rgb=False):
+        self.paths, self.keep_rgb = paths, keep_rgb
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        item = {"index": index, "image": None, "rgb": None, "error": None}
+        path = self.paths[index]
+        try:
+            bgr = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+        except Exception as e:  # noqa: BLE001 - a decoder error is one more kind of unreadable file
+            bgr, item["error"] = None, f"cannot decode it ({e})"
+        if bgr is None:
+            item["error"] = item["error"] or ("not a readable image" if os.path.isfile(path) else "no such file")
+            return item
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        item["image"] = data.to_normalized_tensor(rgb)
+        item["rgb"] = rgb if self.keep_rgb else None
+        return item
+
+
+def write_outputs(files, mask, probs, rgb):
+    """Write each output through a temporary name, so an interrupted run never leaves a half-written file."""
+    os.makedirs(os.path.dirname(files["mask"]) or ".", exist_ok=True)
+    writers = {"mask": lambda tmp: data.save_palette_png(tmp, mask),
+               "overlay": lambda tmp: cv2.imwrite(tmp, cv2.cvtColor(
+                   inference.overlay(np.asarray(rgb), mask, data.VOC_PALETTE), cv2.COLOR_RGB2BGR)),
+               "probs": lambda tmp: np.save(tmp, probs.float().cpu().numpy())}
+    for kind, path in files.items():
+        stem, ext = os.path.splitext(path)
+        tmp = f"{stem}.tmp-{os.getpid()}{ext}"  # keep the extension: PIL and OpenCV choose the format by it
+        writers[kind](tmp)
+        os.replace(tmp, path)
+
+
+def gather_to_main(obj):
+    """Every rank's `obj` in rank order on rank 0 (None on the others); [obj] in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def update_jsonl(path, records):
+    """Merge `records` into predictions.jsonl by input path: earlier lines for other images stay, so the file
+    describes every mask in the folder. Written atomically; returns the number of lines."""
+    merged = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    old = json.loads(line)
+                    merged[old["path"]] = old
+                except (ValueError, KeyError, TypeError):
+                    continue  # a damaged line describes nothing we can keep
+    merged.update((r["path"], r) for r in records)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for key in sorted(merged):
+            f.write(json.dumps(merged[key]) + "\n")
+    os.replace(tmp, path)
+    return len(merged)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,22 @@ class ConfusionMatrix:
         tp, gt, pred = np.diag(m), m.sum(1), m.sum(0)
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = tp / (gt + pred - tp)      # NaN for a class absent from both labels and predictions
+            dice = 2 * tp / (gt + pred)
             class_acc = tp / gt
+        seen = gt > 0
         return {
             "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
             "acc": float(tp.sum() / max(m.sum(), 1.0)),
             "mean_class_acc": float(np.nanmean(class_acc)) if np.isfinite(class_acc).any() else 0.0,
-            "iou": [None if np.isnan(v) else float(v) for v in iou],
+            "fwiou": float((gt[seen] / gt.sum() * iou[seen]).sum()) if seen.any() else 0.0,
+            "iou": listed(iou),
+            "dice": listed(dice),
+            "class_acc": listed(class_acc),
             "pixels": int(m.sum()),
+            "confusion": self.mat.cpu().tolist(),
         }
+
+
+def listed(values):
+    """Per-class values as plain floats, None where undefined (a class absent everywhere)."""
+    return [None if np.isnan(v) else float(v) for v in values]

@@ -15,21 +15,35 @@ def label_pixels(root, split="val"):
                for i in ids)
 
 
+# Multi-scale, flip and overlapping 48 px windows on the 64 px images: every path of the prediction.
+TTA = ["--scales", "0.75", "1.0", "--flip", "--sliding", "--crop_size", "48"]
+COMPARED = ("miou", "acc", "mean_class_acc", "fwiou", "iou", "dice", "class_acc", "pixels", "confusion")
+
+
 def test_test_py_same_metrics_for_1_2_and_3_processes(tmp_path, trained, tiny_data):
     logdir, _ = trained
     ckpt = os.path.join(logdir, "best.pth")
-    one = run(["test.py", "--checkpoint", ckpt, "--save_path", str(tmp_path / "p1"), "--workers", "0"])
-    assert "mIoU" in one.stdout and "pixel acc" in one.stdout and "background" in one.stdout
+    one = run(["test.py", "--checkpoint", ckpt, "--save_path", str(tmp_path / "p1"), "--workers", "0",
+               "--save_overlay", *TTA])
+    assert "mIoU" in one.stdout and "pixel acc" in one.stdout and "fwIoU" in one.stdout
+    assert "scales 0.75 1, horizontal flip, sliding 48 px windows, stride 32 px" in one.stdout
+    assert any(line.split()[1:] == ["class", "IoU", "Dice", "acc"] for line in one.stdout.splitlines())
+    assert any(line.split()[1:2] == ["background"] and len(line.split()) == 5 for line in one.stdout.splitlines())
     for n in (2, 3):
         torchrun(n, ["test.py", "--distributed", "--checkpoint", ckpt, "--save_path", str(tmp_path / f"p{n}"),
-                     "--workers", "0"])
+                     "--workers", "0", *TTA])
     metrics = [json.load(open(tmp_path / f"p{n}" / "metrics.json")) for n in (1, 2, 3)]
     assert metrics[0]["images"] == 7
     # Each labelled pixel counted exactly once: no padded duplicates, nothing missed.
     assert metrics[0]["pixels"] == label_pixels(tiny_data)
+    assert sum(map(sum, metrics[0]["confusion"])) == metrics[0]["pixels"]
+    assert set(metrics[0]["per_class"]) == set(metrics[0]["class_names"]) and "background" in metrics[0]["per_class"]
     for m in metrics[1:]:
-        assert (m["miou"], m["acc"], m["iou"], m["pixels"]) == \
-               (metrics[0]["miou"], metrics[0]["acc"], metrics[0]["iou"], metrics[0]["pixels"])
+        assert {k: m[k] for k in COMPARED} == {k: metrics[0][k] for k in COMPARED}
+    confusion = Image.open(tmp_path / "p1" / "confusion.png")
+    assert confusion.mode == "RGB" and min(confusion.size) > 5 * 14
+    overlays = sorted(os.listdir(tmp_path / "p1" / "overlay"))
+    assert len(overlays) == 7 and Image.open(tmp_path / "p1" / "overlay" / overlays[0]).size == (64, 64)
     masks = [sorted(os.listdir(tmp_path / f"p{n}" / "pred")) for n in (1, 2, 3)]
     assert len(masks[0]) == 7 and masks[0] == masks[1] == masks[2]
     for name in masks[0]:
@@ -49,6 +63,7 @@ def test_infer_writes_one_mask_per_image_and_keeps_layout(tmp_path, trained, tin
     run(["infer.py", "--checkpoint", os.path.join(logdir, "best.pth"), "--input", str(tmp_path / "in" / "**" / "*.jpg"),
          "--output", str(out)])
     written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    written.remove("predictions.jsonl")
     expected = sorted(os.path.join("sub" if i >= 3 else "", os.path.splitext(n)[0] + ".png") for i, n in enumerate(images))
     assert written == expected
     mask = Image.open(out / expected[0])
@@ -67,6 +82,9 @@ def test_infer_under_torchrun_skips_a_corrupt_image(tmp_path, trained, tiny_data
                         "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")], check=False)
     assert proc.returncode != 0
     assert "broken.jpg" in proc.stderr + proc.stdout
-    assert "wrote 3 masks" in proc.stdout and "1 inputs failed" in proc.stdout
-    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.path.splitext(n)[0] + ".png"
-                                                          for n in os.listdir(tmp_path / "in") if n != "broken.jpg")
+    assert "wrote 3 masks" in proc.stdout and "1 input(s) failed" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(["predictions.jsonl"] + [
+        os.path.splitext(n)[0] + ".png" for n in os.listdir(tmp_path / "in") if n != "broken.jpg"])
+    # Both ranks' records end up in one file, one line per predicted image.
+    records = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    assert sorted(os.path.basename(r["path"]) for r in records) == sorted(n for n in os.listdir(tmp_path / "in") if n != "broken.jpg")
