@@ -12,6 +12,7 @@ import tomllib
 import tomli_w
 import yaml
 
+from losses import loss_specs_from_tables
 from registry import suggest
 from utils import UserError
 
@@ -99,6 +100,9 @@ def flatten(table, actions, path, prefix=""):
         name = str(key).replace("-", "_")
         if name in actions:
             found = {name: (value, where)}
+        elif name == "criterion" and "loss" in actions and isinstance(value, list):
+            # [[criterion]] tables (type = NAME, weight = W) spell the --loss list the way other trainers do
+            found = {"loss": (loss_specs_from_tables(value, f"'{where}' in {path}"), where)}
         elif isinstance(value, dict):
             found = flatten(value, actions, path, where + ".")
         else:

@@ -15,10 +15,10 @@ import data
 import models
 import synthetic
 import utils
-from engine import evaluate, train_one_epoch
-from losses import LOSSES, build_criterion
+from engine import evaluate, show_progress, train_one_epoch
+from losses import FOCAL_GAMMA, LOSSES, build_criterion
 from monitor import GpuMonitor, Recorder, add_monitor_args, gpu_memory_scalars, peak_memory, prediction_grid
-from optim import build_optimizer, lr_at
+from optim import OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer, load_optimizer_state, lr_at
 from registry import add_plugin_arg, import_plugins
 
 
@@ -52,13 +52,33 @@ def get_args_parser():
     g.add_argument("--lr", type=float, default=0.02, help="base LR for one process; scaled by --lr_scaling")
     g.add_argument("--lr_scaling", default="linear", choices=["linear", "none"],
                    help="linear: effective LR = --lr x number of processes")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="L2 for sgd and adam, decoupled for adamw")
+    g.add_argument("--no_decay_norm_bias", action="store_true",
+                   help="no weight decay for normalisation-layer parameters and biases")
+    g.add_argument("--backbone_lr_mult", type=float, default=1.0,
+                   help="LR multiplier for the parameters under model.backbone")
+    g.add_argument("--lr_scheduler", default="poly", choices=SCHEDULERS,
+                   help="LR after warmup: poly and cosine decay to --min_lr at the end of the run, step and "
+                        "multistep multiply by --gamma at epochs, constant keeps it")
+    g.add_argument("--lr_update_policy", default="iter", choices=UPDATE_POLICIES,
+                   help="iter: the LR changes every step; epoch: it changes only when an epoch starts")
     g.add_argument("--warmup_epochs", type=float, default=0.5, help="linear warmup length (may be fractional)")
-    g.add_argument("--warmup_ratio", type=float, default=0.1, help="warmup starts at this fraction of the LR")
+    g.add_argument("--warmup_ratio", type=float, default=0.1,
+                   help="warmup starts at this fraction of the LR (unless --warmup_lr is given)")
+    g.add_argument("--warmup_lr", type=float, default=None,
+                   help="absolute LR at the start of warmup, not scaled by --lr_scaling")
+    g.add_argument("--min_lr", type=float, default=0.0, help="the LR poly and cosine decay to (absolute)")
     g.add_argument("--poly_power", type=float, default=0.9)
+    g.add_argument("--step_size", type=int, default=None, help="step: multiply the LR by --gamma every N epochs")
+    g.add_argument("--milestones", type=int, nargs="+", default=None, metavar="EPOCH",
+                   help="multistep: multiply the LR by --gamma at each of these epochs")
+    g.add_argument("--gamma", type=float, default=0.1, help="decay factor of step and multistep")
     g.add_argument("--loss", nargs="+", default=["ce"], metavar="NAME[:WEIGHT]",
                    help="weighted sum of registered losses: " + ", ".join(LOSSES.names()))
+    g.add_argument("--focal_gamma", type=float, default=FOCAL_GAMMA,
+                   help="focusing exponent of the focal loss (0: cross-entropy)")
 
     g = p.add_argument_group("run")
     g.add_argument("--logdir", default=None, help="default runs/<model>-<time>, or the --resume checkpoint's folder")
@@ -111,6 +131,7 @@ def main(args):
         model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     criterion = build_criterion(args)
     optimizer = build_optimizer(args, model_without_ddp, lr)
+    log.info(describe_optimizer(optimizer))
     log.info(f"model {args.model_type} ResNet-{args.layers} OS{args.output_stride}: "
              f"{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters")
 
@@ -119,16 +140,14 @@ def main(args):
         ckpt = utils.load_checkpoint(args.resume)
         utils.check_compatible(ckpt, args, args.resume)
         model_without_ddp.load_state_dict(utils.unwrap_state_dict(ckpt["model"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt, args.resume)
         start_epoch, best_miou = ckpt["epoch"] + 1, ckpt["best_miou"]
         log.info(f"resumed from {args.resume}: continuing at epoch {start_epoch + 1}, best mIoU {best_miou:.4f}")
 
     steps_per_epoch = min(len(train_loader), args.limit_batches or len(train_loader))
-    total_steps = args.epochs * steps_per_epoch
 
     def lr_fn(step):
-        return lr_at(step, total_steps, lr, round(args.warmup_epochs * steps_per_epoch),
-                     args.warmup_ratio, args.poly_power)
+        return lr_at(step, steps_per_epoch, args, lr)
 
     class_names = data.class_names(root, args.numclasses)
     config_text = config.to_toml(args, get_args_parser())
@@ -145,7 +164,8 @@ def main(args):
         train_sampler.set_epoch(epoch)
         train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx, args,
                                       recorder)
-        val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches)
+        val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
+                       progress=show_progress(ctx, args))
         improved = val["miou"] > best_miou
         best_miou, best_epoch = (val["miou"], epoch + 1) if improved else (best_miou, best_epoch)
         rates.append(train["images_per_s"])

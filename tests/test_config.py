@@ -201,6 +201,7 @@ def test_unknown_names_list_the_known_ones(tmp_path, tiny_data):
                 "--logdir", str(tmp_path / "run")], check=False)
     assert proc.returncode == 2
     assert "unknown model 'deeplab_v3p'; did you mean 'deeplabv3p'?" in proc.stderr and "res50_ASPP" in proc.stderr
-    proc = run(["train.py", *TINY, "--loss", "dice", "--dataset_path", tiny_data, "--numclasses", "5",
+    proc = run(["train.py", *TINY, "--loss", "dicee", "--dataset_path", tiny_data, "--numclasses", "5",
                 "--logdir", str(tmp_path / "run2")], check=False)
-    assert proc.returncode == 2 and "unknown loss 'dice'" in proc.stderr and "known: ce" in proc.stderr
+    assert proc.returncode == 2 and "unknown loss 'dicee'; did you mean 'dice'?" in proc.stderr
+    assert "known: bce, ce, dice, focal, lovasz" in proc.stderr

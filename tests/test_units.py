@@ -47,11 +47,14 @@ def test_cross_entropy_ignores_255_and_is_zero_when_all_ignored():
 
 
 def test_poly_lr_with_warmup():
-    assert lr_at(0, 100, 1.0, warmup_steps=10, warmup_ratio=0.1) == pytest.approx(0.1)
-    assert lr_at(5, 100, 1.0, warmup_steps=10, warmup_ratio=0.1) == pytest.approx(0.55)
-    assert lr_at(10, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
-    assert lr_at(55, 100, 1.0, warmup_steps=10, power=0.9) == pytest.approx(0.5 ** 0.9)
-    assert lr_at(100, 100, 1.0, warmup_steps=10) == 0.0
+    # 10 epochs of 10 steps; warmup 1 epoch from 0.1 x LR (tests/test_optim.py covers the other schedules)
+    args = argparse.Namespace(epochs=10, lr_update_policy="iter", lr_scheduler="poly", warmup_epochs=1.0,
+                              warmup_ratio=0.1, warmup_lr=None, poly_power=0.9, min_lr=0.0)
+    assert lr_at(0, 10, args, 1.0) == pytest.approx(0.1)
+    assert lr_at(5, 10, args, 1.0) == pytest.approx(0.55)
+    assert lr_at(10, 10, args, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 10, args, 1.0) == pytest.approx(0.5 ** 0.9)
+    assert lr_at(100, 10, args, 1.0) == 0.0
 
 
 def dist_args(**kw):
