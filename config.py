@@ -28,6 +28,14 @@ SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "batch_size": "batchsize", "
             "wd": "weight_decay", "crop": "crop_size", "os": "output_stride"}
 
 
+def make_parser(description):
+    """An entry script's parser, with the config flags. No abbreviations: one could silently shadow a file key."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    add_config_args(parser)
+    return parser
+
+
 def add_config_args(parser):
     g = parser.add_argument_group("config")
     g.add_argument("--config", default=None, metavar="FILE",

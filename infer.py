@@ -8,7 +8,6 @@
 Each output keeps the input's path relative to the input folder (or to the folder the inputs share).
 Existing outputs are kept unless --overwrite; an unreadable image is reported, skipped and makes the exit code 1.
 """
-import argparse
 import glob
 import json
 import os
@@ -36,9 +35,7 @@ INPUT_KINDS = "an image, a folder of images, a quoted glob pattern, or a .txt fi
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    config.add_config_args(p)
+    p = config.make_parser(__doc__)
     g = p.add_argument_group("inference")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
     g.add_argument("--input", default=None, help=INPUT_KINDS + " (relative list entries: to the list's folder)")

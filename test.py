@@ -23,9 +23,7 @@ from registry import add_plugin_arg, import_plugins
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    config.add_config_args(p)
+    p = config.make_parser(__doc__)
     g = p.add_argument_group("evaluation")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
     g.add_argument("--dataset_path", default=None, help="default: the dataset the checkpoint was trained on")

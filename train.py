@@ -4,7 +4,6 @@
     python train.py --layers 50 --model_type res50_ASPP --dataset_path data/VOC2012
     torchrun --nproc_per_node=2 train.py --distributed
 """
-import argparse
 import os
 import time
 
@@ -23,9 +22,7 @@ from registry import add_plugin_arg, import_plugins
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # an abbreviation could silently hide a config key
-    config.add_config_args(p)
+    p = config.make_parser(__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="voc", help="registered dataset name: " + ", ".join(data.DATASETS.names()))
     g.add_argument("--dataset_path", default=None,
