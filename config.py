@@ -14,7 +14,7 @@ import yaml
 
 from losses import loss_specs_from_tables
 from registry import suggest
-from utils import UserError
+from utils import UserError, write_atomic
 
 # Flags that steer the parsing itself, or name this process, and so never come from or go to a file.
 META = {"help", "config", "set", "print_config", "local_rank"}
@@ -183,9 +183,6 @@ def to_toml(args, parser):
     return tomli_w.dumps(tables)
 
 
-def write_config(args, parser, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"# resolved configuration; re-run with: python train.py --config {path}\n")
-        f.write(to_toml(args, parser))
-    os.replace(tmp, path)
+def write_config(config_text, path):
+    """Save a resolved configuration (from to_toml) as a file that train.py --config can read back."""
+    write_atomic(path, f"# resolved configuration; re-run with: python train.py --config {path}\n" + config_text)

@@ -274,11 +274,7 @@ def update_jsonl(path, records):
                 except (ValueError, KeyError, TypeError):
                     continue  # a damaged line describes nothing we can keep
     merged.update((r["path"], r) for r in records)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for key in sorted(merged):
-            f.write(json.dumps(merged[key]) + "\n")
-    os.replace(tmp, path)
+    utils.write_atomic(path, "".join(json.dumps(merged[key]) + "\n" for key in sorted(merged)))
     return len(merged)
 
 

@@ -96,7 +96,7 @@ def main(args):
                                  "amp_dtype": str(options.amp_dtype).replace("torch.", "") if options.amp_dtype
                                  else None},
                   **metrics, "per_class": per_class}
-        write_atomic(os.path.join(save_path, "metrics.json"), json.dumps(result, indent=1).encode())
+        utils.write_atomic(os.path.join(save_path, "metrics.json"), json.dumps(result, indent=1).encode())
         cv2.imwrite(os.path.join(save_path, "confusion.png"), draw_confusion(np.array(metrics["confusion"]), names))
         log.info(f"wrote metrics.json and confusion.png to {save_path}"
                  + ("" if args.no_save_pred else f", {len(dataset)} masks to {pred_dir}")
@@ -135,13 +135,6 @@ def class_table(names, metrics):
     for name, iou, dice, acc in zip(names, metrics["iou"], metrics["dice"], metrics["class_acc"]):
         lines.append(f"  {name:<{width}}  {cell(iou)}  {cell(dice)}  {cell(acc)}")
     return lines
-
-
-def write_atomic(path, payload):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
 
 
 def draw_confusion(confusion, names):

@@ -150,7 +150,7 @@ def main(args):
     config_text = config.to_toml(args, get_args_parser())
     log.info("resolved configuration:\n" + config_text.rstrip())
     if ctx.is_main:
-        config.write_config(args, get_args_parser(), os.path.join(args.logdir, "config.toml"))
+        config.write_config(config_text, os.path.join(args.logdir, "config.toml"))
         if not named_logdir:
             utils.link_latest(args.logdir)
     recorder = Recorder(args, ctx, config_text)

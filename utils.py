@@ -219,6 +219,14 @@ def link_latest(logdir):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
+def write_atomic(path, payload):
+    """Write text or bytes to `path` through a temporary file and a rename, so readers never see half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(state, path):
     """Write `state` atomically: a temporary file in the same folder, fsync, then rename over `path`.
 
