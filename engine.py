@@ -1,4 +1,5 @@
 """The two loops every entry script shares: one training epoch, and evaluation over sharded data."""
+import contextlib
 import itertools
 import logging
 import math
@@ -30,29 +31,57 @@ def show_progress(ctx, args):
     return ctx.is_main and not args.no_progress and sys.stdout.isatty()
 
 
-def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx, args, recorder):
-    """Train one epoch; returns (metrics averaged over all ranks, global step after the epoch)."""
+def updates_per_epoch(batches, accum_steps):
+    """Optimizer updates in an epoch of `batches` batches: a short last group still updates."""
+    return -(-batches // accum_steps)
+
+
+def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx, args, recorder, amp,
+                    on_update=None):
+    """Train one epoch; returns (metrics averaged over all ranks, global step after the epoch).
+
+    `step` counts optimizer updates, so with --accum_steps K the LR schedule advances once per K batches.
+    Each group of K batches (the last one may be shorter) sums the gradients of loss / group size, which
+    equals one batch K times larger; DDP all-reduces only on the batch that completes a group (no_sync()).
+    `on_update(step)` runs after every optimizer update (e.g. the EMA of the weights).
+    """
     set_train_mode(model, args.freeze_bn)
     n = min(len(loader), args.limit_batches or len(loader))
+    accum = args.accum_steps
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout, dynamic_ncols=True,
                leave=False, disable=not show_progress(ctx, args))
     sums, smoothed, seen, data_wait = None, None, 0, 0.0
     start = ready = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
     for i, (image, target) in enumerate(itertools.islice(loader, n)):
         data_wait += time.perf_counter() - ready
-        image = image.to(ctx.device, non_blocking=True)
+        image = image.to(ctx.device, non_blocking=True,
+                         memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         target = target.to(ctx.device, non_blocking=True)
-        lr = lr_fn(step)
-        set_lr(optimizer, lr)
-        loss, terms = criterion(model(image), target)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise UserError(f"loss is {value} at epoch {epoch + 1}, step {i + 1}/{n} (lr {lr:.4g}); "
-                            f"expected a finite loss: lower --lr or check the labels")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
+        group_size = min(accum, n - (i - i % accum))
+        updates = (i + 1) % accum == 0 or i + 1 == n
+        if i % accum == 0:
+            lr = lr_fn(step)
+            set_lr(optimizer, lr)
+        with contextlib.nullcontext() if updates or not hasattr(model, "no_sync") else model.no_sync():
+            with amp.autocast():
+                loss, terms = criterion(model(image), target)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise UserError(f"loss is {value} at epoch {epoch + 1}, step {i + 1}/{n} (lr {lr:.4g}); "
+                                f"expected a finite loss: lower --lr or check the labels")
+            amp.scaler.scale(loss / group_size).backward()
+        if updates:
+            if args.clip_grad_norm:
+                amp.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
+            amp.scaler.step(optimizer)
+            amp.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if on_update is not None:
+                on_update(step)
         seen += image.shape[0]
         values = torch.tensor([value, *terms.values(), 1.0], dtype=torch.float64)
         sums = values if sums is None else sums + values
@@ -65,7 +94,7 @@ def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx
             if bar.disable:
                 log.info(f"epoch {epoch + 1}/{args.epochs} [{i + 1}/{n}] loss {smoothed:.4f} lr {lr:.5f} "
                          f"{rate:.1f} img/s data wait {wait:.0%}")
-            record = {"train/loss": value, **{f"train/loss_{k}": float(v) for k, v in terms.items()},
+            record = {"train/loss": value, **{f"train/loss_{name}": float(v) for name, v in terms.items()},
                       "train/lr": lr, "train/images_per_s": rate, "train/data_wait": wait}
             recorder.scalars(record, step)
             recorder.event({"epoch": epoch + 1, "step": step, "time": time.time(), **record})

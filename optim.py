@@ -75,7 +75,7 @@ def param_groups(model, weight_decay, no_decay_norm_bias=False, backbone_lr_mult
     groups, seen = {}, set()
     for module in model.modules():  # the same order as model.parameters()
         for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:  # a shared parameter belongs to the first module that holds it
+            if id(p) in seen or not p.requires_grad:  # shared: the first holder's; frozen: left out
                 continue
             seen.add(id(p))
             part = "backbone" if id(p) in in_backbone else "head" if split_backbone else "all"

@@ -7,17 +7,21 @@
 import os
 import time
 
+import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import config
 import data
 import models
+import recipe
 import synthetic
 import utils
-from engine import evaluate, show_progress, train_one_epoch
+from engine import evaluate, show_progress, train_one_epoch, updates_per_epoch
+from inference import PredictOptions
 from losses import FOCAL_GAMMA, LOSSES, build_criterion
 from monitor import GpuMonitor, Recorder, add_monitor_args, gpu_memory_scalars, peak_memory, prediction_grid
 from optim import OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer, load_optimizer_state, lr_at
+from models.pretrained import load_pretrained
 from registry import add_plugin_arg, import_plugins
 
 
@@ -85,6 +89,7 @@ def get_args_parser():
     add_plugin_arg(g)
     g.add_argument("--limit_batches", type=int, default=None,
                    help="at most N training and N validation batches per epoch (smoke tests)")
+    recipe.add_recipe_args(p)
     add_monitor_args(p)
     utils.add_dist_args(p)
     return p
@@ -102,6 +107,7 @@ def main(args):
         args.logdir = utils.broadcast_object(args.logdir)  # rank 0's clock names the folder
     log = utils.setup_logging(ctx, os.path.join(args.logdir, "train.log") if ctx.is_main else None)
     lr = utils.scaled_lr(args, ctx.world_size)
+    recipe.check_recipe_args(args)
     log.info(f"{ctx.world_size} process(es) on {ctx.device} (backend {ctx.backend or 'none'}); logdir {args.logdir}")
     log.info(f"lr {args.lr:g} × {ctx.world_size} processes = {lr:g}" if args.lr_scaling == "linear"
              else f"lr {lr:g} (not scaled by the {ctx.world_size} processes)")
@@ -121,27 +127,50 @@ def main(args):
              f"{args.numclasses} classes; {len(train_loader)} steps per epoch")
 
     # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
+    # Weights: a --resume checkpoint (below) wins over --pretrained, which wins over random init.
+    recipe.setup_determinism(args.deterministic, ctx.device)
     utils.seed_everything(args.seed)
-    model = models.build_model(args).to(ctx.device)
+    model = models.build_model(args)
+    if args.pretrained and not args.resume:
+        log.info(load_pretrained(model, args.pretrained, args.strict_load))
+    if args.freeze:
+        tensors, elements = recipe.freeze(model, args.freeze)
+        log.info(f"froze {tensors} parameter tensors ({elements / 1e6:.2f} M values) matching {' '.join(args.freeze)}")
+    if args.sync_bn:
+        model = recipe.convert_sync_bn(model, ctx)
+    model = model.to(ctx.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     model_without_ddp = model
+    ema = recipe.build_ema(model, args.ema_decay) if args.ema_decay else None
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    if args.compile:
+        model = recipe.CompileFallback(model)
+    amp = recipe.setup_amp(args, ctx.device)
     criterion = build_criterion(args)
     optimizer = build_optimizer(args, model_without_ddp, lr)
     log.info(describe_optimizer(optimizer))
     log.info(f"model {args.model_type} ResNet-{args.layers} OS{args.output_stride}: "
-             f"{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters")
+             f"{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters; {amp.describe()}"
+             + (f"; EMA decay {args.ema_decay:g}" if ema else ""))
 
     start_epoch, best_miou = 0, -1.0
+    stopper = recipe.EarlyStopping(args.early_stop_patience, args.early_stop_min_delta)
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
         utils.check_compatible(ckpt, args, args.resume)
         model_without_ddp.load_state_dict(utils.unwrap_state_dict(ckpt["model"]))
         load_optimizer_state(optimizer, ckpt, args.resume)
+        if amp.scaler.is_enabled() and ckpt.get("scaler"):
+            amp.scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            recipe.load_ema(ema, ckpt["ema"] if "ema" in ckpt else model_without_ddp.state_dict())
+        if "early_stop" in ckpt:
+            stopper.load_state_dict(ckpt["early_stop"])
         start_epoch, best_miou = ckpt["epoch"] + 1, ckpt["best_miou"]
         log.info(f"resumed from {args.resume}: continuing at epoch {start_epoch + 1}, best mIoU {best_miou:.4f}")
 
-    steps_per_epoch = min(len(train_loader), args.limit_batches or len(train_loader))
+    steps_per_epoch = updates_per_epoch(min(len(train_loader), args.limit_batches or len(train_loader)),
+                                        args.accum_steps)
 
     def lr_fn(step):
         return lr_at(step, steps_per_epoch, args, lr)
@@ -156,29 +185,41 @@ def main(args):
     recorder = Recorder(args, ctx, config_text)
     utils.seed_everything(args.seed + ctx.rank)  # each rank draws its own augmentation stream
 
+    update_ema = (lambda _step: ema.update_parameters(model_without_ddp)) if ema else None
     step, best_epoch, rates = start_epoch * steps_per_epoch, 0, []
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx, args,
-                                      recorder)
+                                      recorder, amp, on_update=update_ema)
+        options = PredictOptions(amp_dtype=amp.dtype)
         val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
-                       progress=show_progress(ctx, args))
+                       options=options, progress=show_progress(ctx, args))
+        if ema is not None:  # the EMA weights are the ones kept, so they pick best.pth and early stopping
+            val = {**evaluate(ema.module, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
+                              options=options, progress=show_progress(ctx, args)), "raw_miou": val["miou"]}
         improved = val["miou"] > best_miou
         best_miou, best_epoch = (val["miou"], epoch + 1) if improved else (best_miou, best_epoch)
+        stop = utils.broadcast_object(stopper.update(val["miou"], epoch + 1))  # every rank stops together
         rates.append(train["images_per_s"])
-        log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}, "
-                 f"pixel acc {val['acc']:.4f}, {train['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
+        log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}"
+                 + (f" (EMA; raw weights {val['raw_miou']:.4f})" if ema else "")
+                 + f", pixel acc {val['acc']:.4f}, {train['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
         record_epoch(recorder, epoch + 1, train, val, class_names)
         if ctx.is_main and args.vis_interval and (epoch + 1) % args.vis_interval == 0:
-            recorder.image("val/predictions", prediction_grid(model_without_ddp, val_set, args.vis_images,
-                                                               ctx.device), epoch + 1)
+            recorder.image("val/predictions", prediction_grid(ema.module if ema else model_without_ddp, val_set,
+                                                               args.vis_images, ctx.device), epoch + 1)
         if ctx.is_main:
             state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                      "epoch": epoch, "best_miou": best_miou, "val": val, "args": vars(args),
-                     "world_size": ctx.world_size, "class_names": class_names}
+                     "world_size": ctx.world_size, "class_names": class_names, "early_stop": stopper.state_dict(),
+                     **({"scaler": amp.scaler.state_dict()} if amp.scaler.is_enabled() else {}),
+                     **({"ema": recipe.ema_state(ema)} if ema else {})}
             utils.save_checkpoint(state, os.path.join(args.logdir, "last.pth"))
             if improved:
                 utils.save_checkpoint(state, os.path.join(args.logdir, "best.pth"))
+        if stop:
+            log.info(stopper.reason() + f"; stopped after epoch {epoch + 1} of {args.epochs}")
+            break
 
     gpu_monitor.stop()
     recorder.close(hparams=vars(args), metrics={"hparams/best_miou": best_miou})
@@ -196,7 +237,7 @@ def record_epoch(recorder, epoch, train, val, class_names):
     scalars = {"epoch/train_loss": train["loss"], **{f"epoch/train_loss_{k}": v for k, v in train["terms"].items()},
                "epoch/lr": train["lr"], "epoch/images_per_s": train["images_per_s"],
                "epoch/data_wait": train["data_wait"], "val/miou": val["miou"], "val/acc": val["acc"],
-               "val/mean_class_acc": val["mean_class_acc"],
+               "val/mean_class_acc": val["mean_class_acc"], **({"val/raw_miou": val["raw_miou"]} if "raw_miou" in val else {}),
                **{f"val/iou/{name}": iou for name, iou in zip(class_names, val["iou"]) if iou is not None},
                **gpu_memory_scalars()}
     recorder.scalars(scalars, epoch)
