@@ -38,6 +38,7 @@ def get_args_parser():
     p = config.make_parser(__doc__)
     g = p.add_argument_group("inference")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
+    g.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (train.py --ema_decay)")
     g.add_argument("--input", default=None, help=INPUT_KINDS + " (relative list entries: to the list's folder)")
     g.add_argument("--recursive", action="store_true", help="with a folder --input, also take its subfolders")
     g.add_argument("--output", default="predictions", help="folder for the results (the inputs' layout is kept)")

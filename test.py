@@ -26,6 +26,7 @@ def get_args_parser():
     p = config.make_parser(__doc__)
     g = p.add_argument_group("evaluation")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
+    g.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (train.py --ema_decay)")
     g.add_argument("--dataset_path", default=None, help="default: the dataset the checkpoint was trained on")
     g.add_argument("--data_cache", default=os.environ.get("AILAB_DATA", os.path.expanduser("~/.cache/ailab")))
     g.add_argument("--split", default="val", help="list file ImageSets/Segmentation/<split>.txt")

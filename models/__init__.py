@@ -8,6 +8,15 @@ MODELS = Registry("model")
 register_model = MODELS.register
 
 
+def describe_model(model, args):
+    """A short architecture line: name, ResNet depth and output stride where the model has them."""
+    backbone = getattr(model, "backbone", None)
+    parts = [args.model_type]
+    if hasattr(backbone, "output_stride") and hasattr(backbone, "layer4"):
+        parts.append(f"ResNet-{args.layers} OS{backbone.output_stride}")
+    return " ".join(parts) + f": {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+
+
 def build_model(args):
     """Build the model named by args.model_type; builders read args.layers, numclasses, output_stride, head_channels."""
     return MODELS.get(args.model_type)(args)
@@ -19,29 +28,37 @@ def add_model_args(parser, training=True):
     default = (lambda value: value) if training else (lambda value: None)
     g.add_argument("--model_type", default=default("deeplabv3p"),
                    help="registered model name: " + ", ".join(MODELS.names()) + ", or one from a --plugin")
-    g.add_argument("--layers", type=int, default=default(18), choices=[18, 34, 50, 101, 152], help="ResNet depth")
+    g.add_argument("--layers", type=int, default=default(18), choices=[18, 34, 50, 101, 152],
+                   help="ResNet depth of the backbone; unet_plain has no ResNet and ignores it")
     g.add_argument("--numclasses", type=int, default=None,
                    help="classes including background; default 5 for the built-in data, 21 for a --dataset_path (VOC)"
                    if training else "default: the checkpoint's")
-    g.add_argument("--output_stride", type=int, default=default(16), choices=[8, 16])
+    g.add_argument("--output_stride", type=int, default=default(16), choices=[8, 16],
+                   help="stride of the DeepLab models' dilated deep features; unet and unet_plain ignore it "
+                   "(their encoder strides are fixed)")
     g.add_argument("--head_channels", type=int, default=default(128),
-                   help="width of the ASPP and decoder convolutions")
+                   help="width of the ASPP and decoder convolutions; the UNets' decoder stages are 2x, 1x, 1/2 and "
+                   "1/4 of it wide, deepest first, and unet_plain's encoder starts at 1/4 of it")
     return g
 
 
 def load_from_checkpoint(path, device="cpu", args=None):
     """(model in eval mode on `device`, checkpoint dict) from a train.py checkpoint.
 
-    The checkpoint's args name the model; a model flag given in `args` must agree with them.
+    The checkpoint's args name the model; a model flag given in `args` must agree with them. With
+    `args.ema` the checkpoint's EMA weights (train.py --ema_decay) are loaded instead of the raw ones.
     """
     ckpt = load_checkpoint(path)
     import_plugins(ckpt["args"].get("plugin"))  # a model from a plugin needs that plugin to be rebuilt
     if args is not None:
         check_compatible(ckpt, args, path)
+    use_ema = getattr(args, "ema", False)
+    if use_ema and "ema" not in ckpt:
+        raise UserError(f"--ema: checkpoint {path} holds no EMA weights; expected one trained with --ema_decay")
     args = argparse.Namespace(**ckpt["args"])
     model = build_model(args)
     try:
-        model.load_state_dict(unwrap_state_dict(ckpt["model"]))
+        model.load_state_dict(unwrap_state_dict(ckpt["ema" if use_ema else "model"]))
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit model {args.model_type} ResNet-{args.layers}: "
                         f"{str(e).splitlines()[0]}") from e
@@ -49,4 +66,4 @@ def load_from_checkpoint(path, device="cpu", args=None):
 
 
 # Imported after MODELS exists: these modules register the built-in models with it.
-from models import deeplab  # noqa: E402,F401
+from models import deeplab, lorm, unet  # noqa: E402,F401

@@ -1,4 +1,5 @@
-"""torchvision ResNet trunks that return stride-4 and deep features, dilated to output stride 8 or 16."""
+"""torchvision ResNet trunks that return their features at every stage, dilated to output stride 8 or 16
+(DeepLab) or left undilated at output stride 32 (UNet encoder)."""
 import torch.nn as nn
 import torchvision
 
@@ -12,14 +13,17 @@ RESNETS = {
     152: torchvision.models.resnet152,
 }
 # Which of layer2..layer4 trade their stride for dilation, per output stride (torchvision's convention).
-DILATE = {16: [False, False, True], 8: [False, True, True]}
+DILATE = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
 
 
-def check_backbone_args(layers, output_stride):
+def check_backbone_args(layers, output_stride, strides=(8, 16)):
+    """UserError unless `layers` is a known depth and `output_stride` one of `strides` (the flag's choices by default;
+    32 is for encoders built in code, not a user's --output_stride)."""
     if layers not in RESNETS:
         raise UserError(f"--layers {layers!r} is not supported; expected one of {', '.join(map(str, RESNETS))}")
-    if output_stride not in DILATE:
-        raise UserError(f"--output_stride {output_stride!r} is not supported; expected 8 or 16")
+    if output_stride not in strides or output_stride not in DILATE:
+        raise UserError(f"--output_stride {output_stride!r} is not supported; "
+                        f"expected {' or '.join(map(str, strides))}")
 
 
 def _dilate_basic_layer(layer, dilation, previous_dilation):
@@ -37,14 +41,19 @@ def _dilate_basic_layer(layer, dilation, previous_dilation):
 
 
 class ResNetBackbone(nn.Module):
-    """ResNet without avgpool/fc. forward(x) -> {"low": layer1 (stride 4), "out": layer4 (stride output_stride)}.
+    """ResNet without avgpool/fc. forward(x) -> the output of every stage, by name:
 
-    Submodule names match torchvision's, so an ImageNet state dict (minus "fc.*") loads by name.
+        "stem": conv1-bn1-relu, stride 2     "low": layer1, stride 4     "c3": layer2, stride min(8, OS)
+        "c4": layer3, stride min(16, OS)     "out": layer4, stride OS (output_stride: 8, 16 or 32)
+
+    All of them are computed on the way to "out" anyway; heads take the ones they need.
+    `channels` maps each name to its channel count. Submodule names match torchvision's, so an ImageNet
+    state dict (minus "fc.*") loads by name.
     """
 
     def __init__(self, layers, output_stride=16):
         super().__init__()
-        check_backbone_args(layers, output_stride)
+        check_backbone_args(layers, output_stride, strides=tuple(sorted(DILATE)))
         dilate = DILATE[output_stride]
         bottleneck = layers >= 50
         if bottleneck:
@@ -59,12 +68,16 @@ class ResNetBackbone(nn.Module):
                     dilation *= 2
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.low_channels = 256 if bottleneck else 64
-        self.out_channels = 2048 if bottleneck else 512
+        expansion = 4 if bottleneck else 1
+        self.channels = {"stem": 64, "low": 64 * expansion, "c3": 128 * expansion, "c4": 256 * expansion,
+                         "out": 512 * expansion}
+        self.low_channels = self.channels["low"]
+        self.out_channels = self.channels["out"]
         self.output_stride = output_stride
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        low = self.layer1(x)
-        out = self.layer4(self.layer3(self.layer2(low)))
-        return {"low": low, "out": out}
+        stem = self.relu(self.bn1(self.conv1(x)))
+        low = self.layer1(self.maxpool(stem))
+        c3 = self.layer2(low)
+        c4 = self.layer3(c3)
+        return {"stem": stem, "low": low, "c3": c3, "c4": c4, "out": self.layer4(c4)}

@@ -1,4 +1,4 @@
-"""DeepLab heads (V2 ASPP, V3+ ASPP with decoder) on a ResNet backbone, and the model wrapper.
+"""DeepLab heads (V2 ASPP, V3 ASPP, V3+ ASPP with decoder) on a ResNet backbone, and the model wrapper.
 
 No dropout anywhere: the 1- vs 2-process equivalence test needs a forward pass that uses no RNG.
 Image-pooling branches carry no BatchNorm, because BN on a (1, C, 1, 1) tensor fails in training.
@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import register_model
-from models.backbone import ResNetBackbone
+from models.backbone import ResNetBackbone, check_backbone_args
 from utils import UserError
 
 
@@ -80,6 +80,18 @@ class ASPP(nn.Module):
         return self.project(torch.cat(outs, dim=1))
 
 
+class DeepLabV3Head(nn.Module):
+    """DeepLabV3: ASPP on the deep features, then a 1x1 classifier; no decoder."""
+
+    def __init__(self, in_channels, num_classes, channels, rates):
+        super().__init__()
+        self.aspp = ASPP(in_channels, channels, rates)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: Dict[str, torch.Tensor]):
+        return self.classifier(self.aspp(features["out"]))
+
+
 class DeepLabV3PlusHead(nn.Module):
     """ASPP on the deep features, then a decoder that refines with the stride-4 features."""
 
@@ -105,19 +117,37 @@ def _check_positive(args, *names):
             raise UserError(f"--{name} {value!r} is not valid; expected a positive integer")
 
 
+def _dilated_backbone(args):
+    """The ResNet at --output_stride 8 or 16 (the backbone itself also has an undilated 32, for UNet only)."""
+    check_backbone_args(args.layers, args.output_stride)
+    return ResNetBackbone(args.layers, args.output_stride)
+
+
+def _v3_rates(output_stride):
+    return [r * 16 // output_stride for r in (6, 12, 18)]  # the paper's rates are for stride 16
+
+
 @register_model("res50_ASPP", "deeplabv2")
 def build_deeplabv2(args):
     _check_positive(args, "numclasses")
-    backbone = ResNetBackbone(args.layers, args.output_stride)
+    backbone = _dilated_backbone(args)
     rates = [r * 8 // args.output_stride for r in (6, 12, 18, 24)]  # the paper's rates are for stride 8
     return SegmentationModel(backbone, ASPPv2Head(backbone.out_channels, args.numclasses, rates))
+
+
+@register_model("deeplabv3")
+def build_deeplabv3(args):
+    _check_positive(args, "numclasses", "head_channels")
+    backbone = _dilated_backbone(args)
+    head = DeepLabV3Head(backbone.out_channels, args.numclasses, args.head_channels, _v3_rates(args.output_stride))
+    return SegmentationModel(backbone, head)
 
 
 @register_model("deeplabv3p")
 def build_deeplabv3p(args):
     _check_positive(args, "numclasses", "head_channels")
-    backbone = ResNetBackbone(args.layers, args.output_stride)
-    rates = [r * 16 // args.output_stride for r in (6, 12, 18)]  # the paper's rates are for stride 16
+    backbone = _dilated_backbone(args)
+    rates = _v3_rates(args.output_stride)
     head = DeepLabV3PlusHead(backbone.low_channels, backbone.out_channels, args.numclasses,
                              args.head_channels, rates)
     return SegmentationModel(backbone, head)

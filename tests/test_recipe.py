@@ -254,3 +254,10 @@ def test_recipe_flags_in_a_real_run(tmp_path, tiny_data, trained):
     assert set(ckpt["ema"]) == set(ckpt["model"])
     assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"] if "layer4" in k)
     assert "raw_miou" in ckpt["val"]
+    # test.py evaluates the EMA weights on request; a checkpoint without them says so.
+    proc = run(["test.py", "--checkpoint", str(out / "last.pth"), "--ema", "--workers", "0",
+                "--save_path", str(tmp_path / "ema-test")], tmp_path)
+    assert "mIoU" in proc.stdout
+    proc = run(["test.py", "--checkpoint", pretrained, "--ema", "--save_path", str(tmp_path / "x")], tmp_path,
+               check=False)
+    assert proc.returncode == 2 and "holds no EMA weights" in proc.stderr
