@@ -46,7 +46,13 @@ def add_config_args(parser):
 
 
 def flag_actions(parser):
-    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in META}
+    """{name: action} by dest and by every long option spelling, so a file may use a flag's alias too."""
+    actions = {}
+    for a in parser._actions:
+        if a.option_strings and a.dest not in META:
+            for name in [a.dest] + [o[2:].replace("-", "_") for o in a.option_strings if o.startswith("--")]:
+                actions.setdefault(name, a)
+    return actions
 
 
 def parse_args(parser, argv=None):
@@ -68,6 +74,7 @@ def parse_args(parser, argv=None):
             raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set lr=0.02")
         if key not in actions:
             raise UserError(unknown_key(key, actions, "--set"))
+        key = actions[key].dest
         values[key] = convert(actions[key], text, f"'{key}' in --set", from_text=True)
     for key in values:
         actions[key].required = False  # a file may supply what the command line must otherwise give
@@ -107,7 +114,7 @@ def flatten(table, actions, path, prefix=""):
         where = prefix + str(key)
         name = str(key).replace("-", "_")
         if name in actions:
-            found = {name: (value, where)}
+            found = {actions[name].dest: (value, where)}  # an alias counts as its flag
         elif name == "criterion" and "loss" in actions and isinstance(value, list):
             # [[criterion]] tables (type = NAME, weight = W) spell the --loss list the way other trainers do
             found = {"loss": (loss_specs_from_tables(value, f"'{where}' in {path}"), where)}

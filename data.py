@@ -3,6 +3,7 @@
 Images are read with OpenCV (BGR converted to RGB); labels are PNGs of class indices read with PIL,
 because OpenCV expands a palette PNG to colours. 255 in a label means "ignore".
 """
+import itertools
 import json
 import os
 import random
@@ -73,17 +74,29 @@ def read_label(path, numclasses=None):
     return label
 
 
-def _read_pair(root, image_id, numclasses):
+def _map_paths(root, image_id, maps):
+    """{key: path} of an id's per-pixel maps; `maps` is {key: folder under root} (PNG files named <id>.png)."""
+    return {key: os.path.join(root, folder, image_id + ".png") for key, folder in (maps or {}).items()}
+
+
+def _read_pair(root, image_id, numclasses, maps=None, weight_maps=()):
+    """(image, label), or with `maps` (image, {key: map}): the label PNG is replaced by the listed maps.
+
+    Maps named in `weight_maps` hold weights 0..255 and skip the class-index check.
+    """
     image_path, label_path = _sample_paths(root, image_id)
-    image, label = read_image(image_path), read_label(label_path, numclasses)
-    if image.shape[:2] != label.shape:
-        raise UserError(f"image and label of id '{image_id}' differ in size: '{image_path}' is "
-                        f"{image.shape[1]}x{image.shape[0]}, '{label_path}' is {label.shape[1]}x{label.shape[0]} "
-                        f"(WxH); expected the same size")
-    return image, label
+    image = read_image(image_path)
+    paths = _map_paths(root, image_id, maps) if maps else {"label": label_path}
+    labels = {key: read_label(path, None if key in weight_maps else numclasses) for key, path in paths.items()}
+    for key, label in labels.items():
+        if image.shape[:2] != label.shape:
+            raise UserError(f"image and {'label' if key == 'label' else key + ' map'} of id '{image_id}' differ in size: '{image_path}' is "
+                            f"{image.shape[1]}x{image.shape[0]}, '{paths[key]}' is {label.shape[1]}x{label.shape[0]} "
+                            f"(WxH); expected the same size")
+    return image, (labels if maps else labels["label"])
 
 
-def check_dataset(root, split, numclasses, full=True):
+def check_dataset(root, split, numclasses, full=True, maps=None, weight_maps=()):
     """Check the split before training; raise UserError with one line on the first problem; return its ids.
 
     Always checks the layout and that every listed id has an image and a label file. With full=True it
@@ -91,13 +104,14 @@ def check_dataset(root, split, numclasses, full=True):
     """
     ids = _read_list(root, split)
     for image_id in ids:
-        for path in _sample_paths(root, image_id):
+        paths = _map_paths(root, image_id, maps).values() if maps else _sample_paths(root, image_id)[1:]
+        for path in (_sample_paths(root, image_id)[0], *paths):
             if not os.path.isfile(path):
                 raise UserError(f"id '{image_id}' in split '{split}' has no file '{path}'; expected {VOC_LAYOUT}")
     if full:
         def problem(image_id):
             try:
-                _read_pair(root, image_id, numclasses)
+                _read_pair(root, image_id, numclasses, maps, weight_maps)
             except UserError as e:
                 return str(e)
             return None
@@ -115,18 +129,22 @@ class SegmentationDataset(Dataset):
 
     The constructor checks the layout and that all files exist; check_dataset(..., full=True) checks contents.
     Items are transform(image RGB uint8 HxWx3, label uint8 HxW); without a transform, EvalTransform().
+    With `maps` ({key: folder}, e.g. scribbles and pseudo labels) the label is a dict of those maps instead;
+    `weight_maps` names the ones that hold weights rather than class indices.
     """
 
-    def __init__(self, root, split, transform=None, numclasses=None, check_contents=False):
+    def __init__(self, root, split, transform=None, numclasses=None, check_contents=False, maps=None,
+                 weight_maps=()):
         self.root, self.split, self.numclasses = root, split, numclasses
-        self.ids = check_dataset(root, split, numclasses, full=check_contents)
+        self.maps, self.weight_maps = maps, tuple(weight_maps)
+        self.ids = check_dataset(root, split, numclasses, check_contents, maps, self.weight_maps)
         self.transform = transform if transform is not None else EvalTransform()
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, index):
-        return self.transform(*_read_pair(self.root, self.ids[index], self.numclasses))
+        return self.transform(*_read_pair(self.root, self.ids[index], self.numclasses, self.maps, self.weight_maps))
 
     def image_size(self, index):
         """(height, width) of a sample, read from the label's header only."""
@@ -165,32 +183,45 @@ class TrainTransform:
     Randomness comes from numpy's global np.random, which worker_init_fn seeds per loader worker.
     """
 
-    def __init__(self, crop_size, scale_range=(0.5, 2.0), hflip_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, crop_size, scale_range=(0.5, 2.0), hflip_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 weight_maps=()):
         self.crop_h, self.crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         self.scale_range, self.hflip_prob = tuple(scale_range), hflip_prob
+        self.weight_maps = tuple(weight_maps)
         self.scale, self.shift = _normalize_coefficients(mean, std)
 
     def __call__(self, image, label):
+        """label: uint8 HxW, or a dict of such maps that all get the same geometry. A map named in
+        self.weight_maps (set by the dataset's builder) is a weight: bilinear resizing, padded with 0 (no
+        weight) and is returned as uint8; every other map is a label: nearest resizing, padded with 255."""
+        maps = label if isinstance(label, dict) else {"label": label}
+        weights = self.weight_maps
         scale = np.random.uniform(*self.scale_range)
+        h, w = next(iter(maps.values())).shape
         if scale != 1.0:
-            size = (max(1, round(label.shape[1] * scale)), max(1, round(label.shape[0] * scale)))
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
             image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
             # NEAREST_EXACT samples at pixel centres like INTER_LINEAR; plain NEAREST is off by half a pixel
-            label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST_EXACT)
-        h, w = label.shape
+            maps = {key: cv2.resize(m, size, interpolation=cv2.INTER_LINEAR if key in weights
+                                    else cv2.INTER_NEAREST_EXACT) for key, m in maps.items()}
+            h, w = size[1], size[0]
         # The crop window may stick out of a small image; sticking out is padding, on a random side.
         y0 = np.random.randint(min(0, h - self.crop_h), max(0, h - self.crop_h) + 1)
         x0 = np.random.randint(min(0, w - self.crop_w), max(0, w - self.crop_w) + 1)
-        out_image = np.zeros((self.crop_h, self.crop_w, 3), np.float32)     # 0 is the mean after normalising
-        out_label = np.full((self.crop_h, self.crop_w), IGNORE_INDEX, np.uint8)
         sy, sx = slice(max(y0, 0), min(y0 + self.crop_h, h)), slice(max(x0, 0), min(x0 + self.crop_w, w))
         dy, dx = slice(sy.start - y0, sy.stop - y0), slice(sx.start - x0, sx.stop - x0)
+        out_image = np.zeros((self.crop_h, self.crop_w, 3), np.float32)     # 0 is the mean after normalising
         out_image[dy, dx] = image[sy, sx].astype(np.float32) * self.scale + self.shift
-        out_label[dy, dx] = label[sy, sx]
+        out = {}
+        for key, m in maps.items():
+            out[key] = np.full((self.crop_h, self.crop_w), 0 if key in weights else IGNORE_INDEX, np.uint8)
+            out[key][dy, dx] = m[sy, sx]
         if np.random.random() < self.hflip_prob:
-            out_image, out_label = out_image[:, ::-1], out_label[:, ::-1]
+            out_image, out = out_image[:, ::-1], {key: m[:, ::-1] for key, m in out.items()}
+        tensors = {key: torch.from_numpy(np.ascontiguousarray(m) if key in weights else m.astype(np.int64))
+                   for key, m in out.items()}
         return (torch.from_numpy(np.ascontiguousarray(out_image.transpose(2, 0, 1))),
-                torch.from_numpy(out_label.astype(np.int64)))
+                tensors if isinstance(label, dict) else tensors["label"])
 
 
 class EvalTransform:
@@ -247,14 +278,60 @@ def _loader(dataset, batch_size, workers, sampler, drop_last, collate_fn=None):
                       worker_init_fn=seed_worker, persistent_workers=workers > 0)
 
 
+def sample_seed(seed, epoch, index):
+    """A 32-bit seed for one sample's augmentation, from (--seed, epoch, dataset index) only."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class TrainSampler(DistributedSampler):
+    """DistributedSampler that yields (index, augmentation seed) and can start part-way through an epoch.
+
+    The seed depends on the sample and the epoch, not on the rank, the worker or what came before, so a run
+    resumed mid-epoch (set_epoch(epoch, start_batch)) draws exactly the augmentation it would have drawn.
+    """
+
+    def __init__(self, dataset, world_size, rank, seed, batch_size):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.start = batch_size, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        super().set_epoch(epoch)
+        self.start = start_batch * self.batch_size
+
+    def __iter__(self):
+        for index in itertools.islice(super().__iter__(), self.start, None):
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self):
+        return max(0, self.num_samples - self.start)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset for TrainSampler: item (index, seed) seeds numpy, random and torch, then loads the sample,
+    so any transform that draws from the global generators (ours, or a plugin's) is reproducible per sample."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        np.random.seed(seed)
+        random.seed(seed)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
 def build_train_loader(dataset, batch_size, workers, rank, world_size, seed, drop_last=True):
-    """(loader, sampler) with a shuffling DistributedSampler; call sampler.set_epoch(epoch) every epoch."""
+    """(loader, sampler) with a shuffling TrainSampler; call sampler.set_epoch(epoch[, start_batch]) every epoch."""
     per_rank = -(-len(dataset) // world_size)
     if drop_last and per_rank < batch_size:
         raise UserError(f"training split has {len(dataset)} images, {per_rank} per process over {world_size} "
                         f"process(es), fewer than batch_size={batch_size}; expected at least one full batch")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    return _loader(dataset, batch_size, workers, sampler, drop_last), sampler
+    sampler = TrainSampler(dataset, world_size, rank, seed, batch_size)
+    return _loader(SeededSamples(dataset), batch_size, workers, sampler, drop_last), sampler
 
 
 def build_eval_loader(dataset, batch_size, workers, rank, world_size):

@@ -5,15 +5,19 @@
     torchrun --nproc_per_node=2 train.py --distributed
 """
 import os
+import sys
 import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpoint
 import config
 import data
+import faults
 import models
 import recipe
+import scribble
 import synthetic
 import utils
 from engine import evaluate, show_progress, train_one_epoch, updates_per_epoch
@@ -42,6 +46,7 @@ def get_args_parser():
     g.add_argument("--hflip_prob", type=float, default=0.5)
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
 
+    scribble.add_scribble_args(p)
     g = models.add_model_args(p)
     g.add_argument("--freeze_bn", action="store_true", help="keep batch-norm layers in eval mode while training")
 
@@ -83,7 +88,8 @@ def get_args_parser():
 
     g = p.add_argument_group("run")
     g.add_argument("--logdir", default=None, help="default runs/<model>-<time>, or the --resume checkpoint's folder")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from (next epoch, optimizer restored)")
+    checkpoint.add_checkpoint_args(g)
+    faults.add_fault_args(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log_interval", type=int, default=10, help="log a training line every N steps (0: never)")
     add_plugin_arg(g)
@@ -101,13 +107,18 @@ def main(args):
     ctx = utils.init_distributed(args)
     named_logdir = args.logdir is not None
     if not named_logdir:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.logdir = (os.path.dirname(os.path.abspath(args.resume)) if args.resume
+        # train_torchrun.sh exports one stamp, so a worker group restarted by torchrun finds the same folder.
+        stamp = os.environ.get("AILAB_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
+        args.logdir = (os.path.dirname(os.path.abspath(args.resume)) if args.resume not in (None, "auto")
                        else os.path.join("runs", f"{args.model_type}-r{args.layers}-{stamp}"))
         args.logdir = utils.broadcast_object(args.logdir)  # rank 0's clock names the folder
+    # A checkpoint to resume is read and checked before anything is written, so a bad one changes nothing.
+    resume_path, ckpt = checkpoint.find_resume(args.resume, args.logdir)
+    if ckpt is not None:
+        utils.check_compatible(ckpt, args, resume_path)
+    recipe.check_recipe_args(args)
     log = utils.setup_logging(ctx, os.path.join(args.logdir, "train.log") if ctx.is_main else None)
     lr = utils.scaled_lr(args, ctx.world_size)
-    recipe.check_recipe_args(args)
     log.info(f"{ctx.world_size} process(es) on {ctx.device} (backend {ctx.backend or 'none'}); logdir {args.logdir}")
     log.info(f"lr {args.lr:g} × {ctx.world_size} processes = {lr:g}" if args.lr_scaling == "linear"
              else f"lr {lr:g} (not scaled by the {ctx.world_size} processes)")
@@ -127,11 +138,18 @@ def main(args):
              f"{args.numclasses} classes; {len(train_loader)} steps per epoch")
 
     # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
-    # Weights: a --resume checkpoint (below) wins over --pretrained, which wins over random init.
+    # Weights: a resumed checkpoint (below) wins over --pretrained, which wins over random init.
     recipe.setup_determinism(args.deterministic, ctx.device)
     utils.seed_everything(args.seed)
     model = models.build_model(args)
-    if args.pretrained and not args.resume:
+    if args.dataset in scribble.SCRIBBLE_MODES:
+        criterion = scribble.build_scribble_criterion(args, args.dataset, hasattr(model, "lorm"))
+    else:
+        criterion = build_criterion(args)
+    if hasattr(model, "lorm") and not getattr(criterion, "uses_lorm", False):
+        model.lorm.requires_grad_(False)  # unused here: DDP must not wait for its gradients
+        log.info("the model's LoRM is not trained in this run (it needs --l_lorm > 0 and pseudo labels)")
+    if args.pretrained and ckpt is None:
         log.info(load_pretrained(model, args.pretrained, args.strict_load))
     if args.freeze:
         tensors, elements = recipe.freeze(model, args.freeze)
@@ -146,34 +164,33 @@ def main(args):
     if args.compile:
         model = recipe.CompileFallback(model)
     amp = recipe.setup_amp(args, ctx.device)
-    criterion = build_criterion(args)
     optimizer = build_optimizer(args, model_without_ddp, lr)
     log.info(describe_optimizer(optimizer))
-    log.info(f"model {args.model_type} ResNet-{args.layers} OS{args.output_stride}: "
-             f"{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters; {amp.describe()}"
+    log.info(f"model {models.describe_model(model_without_ddp, args)}; {amp.describe()}"
              + (f"; EMA decay {args.ema_decay:g}" if ema else ""))
+    steps_per_epoch = updates_per_epoch(min(len(train_loader), args.limit_batches or len(train_loader)),
+                                        args.accum_steps)
 
-    start_epoch, best_miou = 0, -1.0
+    def lr_fn(step):
+        return lr_at(step, steps_per_epoch, args, lr)
+
+    # Resume: weights, optimizer, scaler, EMA and counters; the position inside the epoch; each rank's RNG.
+    start_epoch, first_batch, step, best_miou, best_epoch, nan_skips = 0, 0, 0, -1.0, 0, 0
     stopper = recipe.EarlyStopping(args.early_stop_patience, args.early_stop_min_delta)
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        utils.check_compatible(ckpt, args, args.resume)
+    if ckpt is not None:
         model_without_ddp.load_state_dict(utils.unwrap_state_dict(ckpt["model"]))
-        load_optimizer_state(optimizer, ckpt, args.resume)
+        load_optimizer_state(optimizer, ckpt, resume_path)
         if amp.scaler.is_enabled() and ckpt.get("scaler"):
             amp.scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
             recipe.load_ema(ema, ckpt["ema"] if "ema" in ckpt else model_without_ddp.state_dict())
         if "early_stop" in ckpt:
             stopper.load_state_dict(ckpt["early_stop"])
-        start_epoch, best_miou = ckpt["epoch"] + 1, ckpt["best_miou"]
-        log.info(f"resumed from {args.resume}: continuing at epoch {start_epoch + 1}, best mIoU {best_miou:.4f}")
-
-    steps_per_epoch = updates_per_epoch(min(len(train_loader), args.limit_batches or len(train_loader)),
-                                        args.accum_steps)
-
-    def lr_fn(step):
-        return lr_at(step, steps_per_epoch, args, lr)
+        start_epoch, first_batch, step, exact = checkpoint.plan_resume(ckpt, resume_path, args, ctx,
+                                                                       steps_per_epoch, args.resume_strict)
+        best_miou, best_epoch, nan_skips = ckpt["best_miou"], ckpt.get("best_epoch", 0), ckpt.get("nan_skips", 0)
+        log.info(f"resumed from {resume_path}: epoch {start_epoch + 1}, batch {first_batch}, step {step}"
+                 f"{'' if exact else ' (approximate position)'}; best mIoU {best_miou:.4f}")
 
     class_names = data.class_names(root, args.numclasses)
     config_text = config.to_toml(args, get_args_parser())
@@ -183,45 +200,76 @@ def main(args):
         if not named_logdir:
             utils.link_latest(args.logdir)
     recorder = Recorder(args, ctx, config_text)
-    utils.seed_everything(args.seed + ctx.rank)  # each rank draws its own augmentation stream
+    utils.seed_everything(args.seed + ctx.rank)  # augmentation is seeded per sample; this is for the rest
+    if ckpt is not None and exact and len(ckpt.get("rng", [])) == ctx.world_size:
+        checkpoint.set_rng_state(ckpt["rng"][ctx.rank])
+    guard = faults.Guard(args, nan_skips)
 
-    update_ema = (lambda _step: ema.update_parameters(model_without_ddp)) if ema else None
-    step, best_epoch, rates = start_epoch * steps_per_epoch, 0, []
-    for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
-        train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx, args,
-                                      recorder, amp, on_update=update_ema)
-        options = PredictOptions(amp_dtype=amp.dtype)
-        val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
-                       options=options, progress=show_progress(ctx, args))
-        if ema is not None:  # the EMA weights are the ones kept, so they pick best.pth and early stopping
-            val = {**evaluate(ema.module, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
-                              options=options, progress=show_progress(ctx, args)), "raw_miou": val["miou"]}
-        improved = val["miou"] > best_miou
-        best_miou, best_epoch = (val["miou"], epoch + 1) if improved else (best_miou, best_epoch)
-        stop = utils.broadcast_object(stopper.update(val["miou"], epoch + 1))  # every rank stops together
-        rates.append(train["images_per_s"])
-        log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}"
-                 + (f" (EMA; raw weights {val['raw_miou']:.4f})" if ema else "")
-                 + f", pixel acc {val['acc']:.4f}, {train['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
-        record_epoch(recorder, epoch + 1, train, val, class_names)
-        if ctx.is_main and args.vis_interval and (epoch + 1) % args.vis_interval == 0:
-            recorder.image("val/predictions", prediction_grid(ema.module if ema else model_without_ddp, val_set,
-                                                               args.vis_images, ctx.device), epoch + 1)
-        if ctx.is_main:
-            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "best_miou": best_miou, "val": val, "args": vars(args),
-                     "world_size": ctx.world_size, "class_names": class_names, "early_stop": stopper.state_dict(),
-                     **({"scaler": amp.scaler.state_dict()} if amp.scaler.is_enabled() else {}),
-                     **({"ema": recipe.ema_state(ema)} if ema else {})}
-            utils.save_checkpoint(state, os.path.join(args.logdir, "last.pth"))
-            if improved:
-                utils.save_checkpoint(state, os.path.join(args.logdir, "best.pth"))
-        if stop:
-            log.info(stopper.reason() + f"; stopped after epoch {epoch + 1} of {args.epochs}")
-            break
+    def save(names, epoch, batch, step, done_epoch, val=None):
+        """Every rank gathers its RNG state; rank 0 writes the training state to each name in --logdir."""
+        rng = checkpoint.gather_rng_states()
+        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": done_epoch, "resume_at": {"epoch": epoch, "batch": batch, "step": step},
+                 "best_miou": best_miou, "best_epoch": best_epoch, "val": val, "args": vars(args),
+                 "world_size": ctx.world_size, "class_names": class_names, "early_stop": stopper.state_dict(),
+                 "nan_skips": guard.nan_skips, "rng": rng,
+                 **({"scaler": amp.scaler.state_dict()} if amp.scaler.is_enabled() else {}),
+                 **({"ema": recipe.ema_state(ema)} if ema else {})}
+        checkpoint.save_on_rank0(ctx, state, [os.path.join(args.logdir, name) for name in names])
 
-    gpu_monitor.stop()
+    def on_update(step, batches_done):
+        if ema is not None:
+            ema.update_parameters(model_without_ddp)
+        if args.recovery_interval and step % args.recovery_interval == 0:
+            save([checkpoint.RECOVERY], epoch, batches_done, step, epoch - 1)
+
+    rates, val = [], None
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            train_sampler.set_epoch(epoch, first_batch)
+            train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx,
+                                          args, recorder, amp, guard, first_batch, on_update)
+            first_batch = 0
+            options = PredictOptions(amp_dtype=amp.dtype)
+            val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
+                           options=options, progress=show_progress(ctx, args))
+            if ema is not None:  # the EMA weights are the ones kept, so they pick best.pth and early stopping
+                val = {**evaluate(ema.module, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
+                                  options=options, progress=show_progress(ctx, args)), "raw_miou": val["miou"]}
+            improved = val["miou"] > best_miou
+            best_miou, best_epoch = (val["miou"], epoch + 1) if improved else (best_miou, best_epoch)
+            stop = utils.broadcast_object(stopper.update(val["miou"], epoch + 1))  # every rank stops together
+            rates.append(train["images_per_s"])
+            log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}"
+                     + (f" (EMA; raw weights {val['raw_miou']:.4f})" if ema else "")
+                     + f", pixel acc {val['acc']:.4f}, {train['images_per_s']:.1f} img/s"
+                     + (" (best)" if improved else ""))
+            record_epoch(recorder, epoch + 1, train, val, class_names)
+            if ctx.is_main and args.vis_interval and (epoch + 1) % args.vis_interval == 0:
+                recorder.image("val/predictions", prediction_grid(ema.module if ema else model_without_ddp,
+                                                                   val_set, args.vis_images, ctx.device), epoch + 1)
+            periodic = args.save_interval and (epoch + 1) % args.save_interval == 0
+            save([checkpoint.LAST] + ([checkpoint.BEST] if improved else [])
+                 + ([checkpoint.periodic_name(epoch + 1)] if periodic else []), epoch + 1, 0, step, epoch, val)
+            if ctx.is_main and args.keep_last:
+                checkpoint.prune_periodic(args.logdir, args.keep_last)
+            if stop:
+                log.info(stopper.reason() + f"; stopped after epoch {epoch + 1} of {args.epochs}")
+                break
+    except faults.Stop as stop:
+        # Nothing of the interrupted group was applied, so the state is exactly the one at `stop.step`.
+        save([checkpoint.RECOVERY], stop.epoch, stop.batch, stop.step, stop.epoch - 1)
+        where = os.path.join(args.logdir, checkpoint.RECOVERY)
+        message = f"{stop}; wrote {where}; continue with --resume auto --logdir {args.logdir}"
+        if stop.exit_code == 2:
+            raise utils.UserError(message) from None
+        log.error(message if ctx.is_main else str(stop))  # every rank says why it stops
+        utils.cleanup_distributed()
+        sys.exit(stop.exit_code)
+    finally:
+        guard.restore()
+        gpu_monitor.stop()
+
     recorder.close(hparams=vars(args), metrics={"hparams/best_miou": best_miou})
     rss, gpu = peak_memory()
     log.info(f"done in {time.time() - started:.0f} s: best val mIoU {best_miou:.4f} at epoch {best_epoch}"

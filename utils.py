@@ -111,10 +111,35 @@ def init_distributed(args):
             raise UserError(f"{' and '.join(missing)} not set: the {launcher or 'environment'} gives no rendezvous "
                             f"address; export MASTER_ADDR/MASTER_PORT or pass --dist_url tcp://HOST:PORT")
     ctx.backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
-    dist.init_process_group(ctx.backend, init_method=args.dist_url, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.dist_timeout),
-                            device_id=device if ctx.backend == "nccl" else None)
+    where = (f"{os.environ.get('MASTER_ADDR')} port {os.environ.get('MASTER_PORT')}" if args.dist_url == "env://"
+             else args.dist_url)
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    try:
+        dist.init_process_group(ctx.backend, rank=rank, world_size=world, timeout=timeout,
+                                device_id=device if ctx.backend == "nccl" else None,
+                                **rendezvous(args.dist_url, rank, world, timeout))
+    except (RuntimeError, ValueError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+        text = str(e)
+        if "EADDRINUSE" in text or "address already in use" in text.lower():
+            raise UserError(f"rendezvous {where} is already in use by another program; expected a free port "
+                            f"(set MASTER_PORT or torchrun --master_port)") from e
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise UserError(f"could not join the process group at {where} as rank {rank} of {world} within "
+                        f"--dist_timeout {args.dist_timeout:g} s: {first}") from e
     return ctx
+
+
+def rendezvous(dist_url, rank, world, timeout):
+    """init_process_group's rendezvous arguments. After a torchrun restart, the store keys are prefixed with the
+    restart count: torchrun keeps its store across restarts, and a new worker could otherwise read the address
+    that a dead worker of the previous attempt published, and fail with "connection refused"."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if dist_url != "env://" or attempt is None:
+        return {"init_method": dist_url}
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timeout, multi_tenant=True)
+    return {"store": dist.PrefixStore(f"ailab/attempt_{attempt}", store)}
 
 
 def cleanup_distributed():
@@ -240,10 +265,12 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous file is untouched") from e
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise UserError(f"could not write checkpoint {path} ({reason}; disk full or not writable?); "
+                        f"the previous file is untouched") from e
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
+import faults  # noqa: E402
 import recipe  # noqa: E402
 import utils  # noqa: E402
 from monitor import Recorder  # noqa: E402
@@ -36,14 +37,15 @@ def epoch_with_accum(accum, ctx):
                for _ in range(5)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     args = Namespace(accum_steps=accum, limit_batches=None, clip_grad_norm=None, channels_last=False, epochs=1,
-                     freeze_bn=False, log_interval=0, no_progress=True)
+                     freeze_bn=False, log_interval=0, no_progress=True, nan_policy="stop", max_nan_skips=0)
 
     def criterion(logits, target):
         loss = torch.nn.functional.cross_entropy(logits, target)
         return loss, {"ce": loss.detach()}
 
     _, steps = engine.train_one_epoch(model, criterion, optimizer, batches, lambda step: 0.1, 0, 0, ctx, args,
-                                      Recorder(args, utils.Dist(rank=1), ""), recipe.Amp())
+                                      Recorder(args, utils.Dist(rank=1), ""), recipe.Amp(),
+                                      faults.Guard(args, handle_signals=False))
     checksum = sum(float(p.double().sum()) for p in model.parameters())
     return {"allreduce_calls": calls[0], "updates": steps, "checksum": checksum}
 

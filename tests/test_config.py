@@ -137,7 +137,8 @@ def test_checkpoint_supplies_model_flags_and_refuses_contradictions(tmp_path, tr
     assert proc.returncode == 2 and "--numclasses 5" in proc.stderr
 
 
-SHIPPED = ["ddp_example.toml", "ddp_segmentation.toml", "ddp_large_model.toml", "quick_test.yaml", "quick_test.json"]
+SHIPPED = ["ddp_example.toml", "ddp_segmentation.toml", "ddp_large_model.toml", "quick_test.yaml", "quick_test.json",
+           "scribble_res50_lorm.toml", "scribble_quick.toml"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -146,8 +147,10 @@ def test_shipped_config_parses_and_runs_a_step(tmp_path, tiny_data, name):
     args = parse(["--config", path])
     assert args.model_type and args.layers
     # The recipe's own model; small images and one step so it fits a CPU test.
+    # The built-in data's folder names, for a VOC scribble config's own.
+    folders = ["--train_path", "scribble", "--pesudo_path", "pseudo"] if name.startswith("scribble") else []
     run(["train.py", "--config", path, "--dataset_path", tiny_data, "--numclasses", "5", "--crop_size", "64",
-         "--batchsize", "2", "--epochs", "1", "--limit_batches", "1", "--workers", "0",
+         "--batchsize", "2", "--epochs", "1", "--limit_batches", "1", "--workers", "0", *folders,
          "--logdir", str(tmp_path / "run")], timeout=300)
     assert os.path.exists(tmp_path / "run" / "last.pth")
 

@@ -38,7 +38,7 @@ def test_generator_is_byte_identical_for_the_same_seed(tmp_path):
     a = make_synthetic_voc(str(tmp_path / "a"), n_train=6, n_val=3, size=64, seed=3)
     b = make_synthetic_voc(str(tmp_path / "b"), n_train=6, n_val=3, size=64, seed=3)
     files = all_files(a)
-    assert files == all_files(b) and len(files) == 2 * 9 + 3
+    assert files == all_files(b) and len(files) == 6 * 9 + 3
     for name in files:
         with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
             assert fa.read() == fb.read(), name

@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 import engine
+import faults
 import recipe
 import utils
 from conftest import TINY, run, torchrun
@@ -32,9 +33,10 @@ def train_epoch(model, batches, accum=1, clip=None, amp=None, lr=0.05, momentum=
     """One engine epoch over a list of batches; returns (model, optimizer updates)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, **optim)
     args = Namespace(accum_steps=accum, limit_batches=None, clip_grad_norm=clip, channels_last=False, epochs=1,
-                     freeze_bn=False, log_interval=0, no_progress=True)
+                     freeze_bn=False, log_interval=0, no_progress=True, nan_policy="stop", max_nan_skips=0)
     _, steps = engine.train_one_epoch(model, mse, optimizer, batches, lambda step: lr, 0, 0, utils.Dist(), args,
-                                      Recorder(args, utils.Dist(rank=1), ""), amp or recipe.Amp())
+                                      Recorder(args, utils.Dist(rank=1), ""), amp or recipe.Amp(),
+                                      faults.Guard(args, handle_signals=False))
     return model, steps
 
 

@@ -34,7 +34,7 @@ def test_resume_continues_at_next_epoch(tmp_path, trained, tiny_data):
     resumed = tmp_path / "resumed"
     proc = run(["train.py", *TINY, "--dataset_path", tiny_data, "--numclasses", "5", "--epochs", "2",
                 "--resume", os.path.join(logdir, "last.pth"), "--logdir", str(resumed)])
-    assert "continuing at epoch 2" in proc.stdout
+    assert "resumed from" in proc.stdout and ": epoch 2, batch 0, step 4;" in proc.stdout
     assert [r["epoch"] for r in read_csv(resumed / "summary.csv")] == ["2"]
     before = torch.load(os.path.join(logdir, "last.pth"), weights_only=True)
     after = torch.load(resumed / "last.pth", weights_only=True)

@@ -1,0 +1,146 @@
+"""Training state on disk: what a checkpoint holds, periodic and recovery copies, and where a run resumes.
+
+Every file is written atomically by utils.save_checkpoint. A checkpoint holds the model, optimizer, AMP scaler
+and EMA state, the early-stopping counters, the place to resume (`resume_at`: epoch, batch within it, global
+optimizer step), the world size and batch layout it was saved with, and every rank's random-generator states,
+gathered to rank 0 so that the set is saved in one atomic file.
+"""
+import glob
+import logging
+import os
+import random
+import re
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from utils import UserError, broadcast_object, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("ailab")
+
+RECOVERY, LAST, BEST = "recovery.pth", "last.pth", "best.pth"
+
+
+def add_checkpoint_args(group):
+    group.add_argument("--resume", default=None, metavar="PATH|auto",
+                       help="continue from a checkpoint (mid-epoch for recovery.pth); auto: the newest of "
+                            "recovery.pth and last.pth in --logdir, or a fresh start when there is none")
+    group.add_argument("--resume_strict", action="store_true",
+                       help="refuse to resume with another world size, batch size or --accum_steps")
+    group.add_argument("--save_interval", type=int, default=None, metavar="N",
+                       help="also keep epoch_XXX.pth every N epochs (last.pth and best.pth are always written)")
+    group.add_argument("--keep_last", type=int, default=None, metavar="K",
+                       help="keep only the K newest epoch_XXX.pth files")
+    group.add_argument("--recovery_interval", type=int, default=None, metavar="STEPS",
+                       help="write recovery.pth every N optimizer steps inside an epoch, to resume mid-epoch")
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-generator state, as plain values that torch.load(weights_only=True) accepts
+# ----------------------------------------------------------------------------------------------
+
+def rng_state():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states():
+    """Every rank's generator states in rank order on rank 0 (None elsewhere); a collective call."""
+    state = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(state, out, dst=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+def save_on_rank0(ctx, state, paths):
+    """Rank 0 writes `state` to each path; every rank learns whether that worked, so all stop together."""
+    error = None
+    if ctx.is_main:
+        try:
+            for path in paths:
+                save_checkpoint(state, path)
+        except UserError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise UserError(error)
+
+
+def periodic_name(epoch):
+    return f"epoch_{epoch:03d}.pth"
+
+
+def prune_periodic(logdir, keep_last):
+    """Delete all but the `keep_last` newest epoch_XXX.pth files; last.pth, best.pth, recovery.pth stay."""
+    found = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(logdir, "epoch_*.pth"))
+                   if (m := re.fullmatch(r"epoch_(\d+)\.pth", os.path.basename(path))))
+    for _, path in found[:max(0, len(found) - keep_last)]:
+        os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: which checkpoint, and where in it to continue
+# ----------------------------------------------------------------------------------------------
+
+def resume_position(ckpt):
+    """(epoch, batch, step) to continue at; checkpoints from before recovery files resume at the next epoch."""
+    at = ckpt.get("resume_at") or {"epoch": ckpt["epoch"] + 1, "batch": 0, "step": None}
+    return at["epoch"], at["batch"], at["step"]
+
+
+def find_resume(resume, logdir):
+    """(path, checkpoint) to resume from, or (None, None). `auto` picks the furthest of recovery.pth and
+    last.pth in `logdir` (by position, not by file time) and is a fresh start when neither exists."""
+    if resume is None:
+        return None, None
+    if resume != "auto":
+        return resume, load_checkpoint(resume)
+    if logdir is None:
+        return None, None
+    found = [(path, load_checkpoint(path)) for path in (os.path.join(logdir, n) for n in (RECOVERY, LAST))
+             if os.path.isfile(path)]
+    if not found:
+        return None, None
+    return max(found, key=lambda item: resume_position(item[1])[:2])
+
+
+def plan_resume(ckpt, path, args, ctx, steps_per_epoch, strict):
+    """(epoch, batch, step, exact) for this run. With the same world size, batch size and accumulation the
+    position is exact; otherwise the consumed share of the epoch is kept, rounded down to a whole update."""
+    epoch, batch, step = resume_position(ckpt)
+    saved = (ckpt.get("world_size", ctx.world_size), ckpt["args"].get("batchsize", args.batchsize),
+             ckpt["args"].get("accum_steps", 1))
+    now = (ctx.world_size, args.batchsize, args.accum_steps)
+    if saved == now and step is not None:
+        return epoch, batch, step, True
+    change = ", ".join(f"{name} {a} -> {b}" for name, a, b in zip(("world size", "batch size", "accum_steps"),
+                                                                    saved, now) if a != b)
+    if strict and change:
+        raise UserError(f"--resume_strict: checkpoint {path} was saved with {change.replace(' -> ', ', this run has ')}; "
+                        f"expected the same world size, --batchsize and --accum_steps")
+    samples = batch * saved[0] * saved[1]
+    batch = samples // (ctx.world_size * args.batchsize)
+    batch -= batch % args.accum_steps
+    if change:
+        log.warning(f"resuming {path} with {change}: model and optimizer state carry over, but the exact sample "
+                    f"order and per-rank random state of the interrupted epoch cannot be reproduced")
+    return epoch, batch, epoch * steps_per_epoch + batch // args.accum_steps, False
