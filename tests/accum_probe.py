@@ -1,7 +1,7 @@
 """Run under torchrun (gloo, CPU): count DDP's gradient all-reduces during one epoch of engine.train_one_epoch.
 
-A communication hook wraps the default all-reduce and counts its calls. Prints one JSON line per rank with
-the counts for --accum_steps 1 and 2 over the same 5 batches, and a checksum of the final parameters.
+A communication hook wraps the default all-reduce and counts its calls. Writes per rank
+the counts for --accum_steps 1 and 2 over the same 5 batches, and a checksum of the final parameters, to OUT_DIR/rank<r>.json (argv[1]).
 """
 import json
 import os
@@ -54,5 +54,6 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     ctx = utils.Dist(rank=dist.get_rank(), world_size=dist.get_world_size())
     result = {"rank": ctx.rank, "k1": epoch_with_accum(1, ctx), "k2": epoch_with_accum(2, ctx)}
-    print("PROBE " + json.dumps(result), flush=True)
+    with open(os.path.join(sys.argv[1], f"rank{ctx.rank}.json"), "w") as f:  # one file per rank: no interleaving
+        json.dump(result, f)
     dist.destroy_process_group()
