@@ -192,7 +192,7 @@ class TrainTransform:
 
     def __call__(self, image, label):
         """label: uint8 HxW, or a dict of such maps that all get the same geometry. A map named in
-        self.weight_maps (set by the dataset's builder) is a weight: bilinear resizing, padded with 0 (no
+        the constructor's `weight_maps` is a weight: bilinear resizing, padded with 0 (no
         weight) and is returned as uint8; every other map is a label: nearest resizing, padded with 255."""
         maps = label if isinstance(label, dict) else {"label": label}
         weights = self.weight_maps

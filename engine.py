@@ -70,7 +70,7 @@ def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx
     bar = tqdm(total=n, initial=first_batch, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
                dynamic_ncols=True, leave=False, disable=not show_progress(ctx, args))
     sums, smoothed, seen, data_wait, skip_group, stop_pending = None, None, 0, 0.0, False, False
-    buffers = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.long]
+    buffers = list(model.buffers())
     terms, lr = {}, lr_fn(step)
     start = ready = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import UserError, first_line
 
 log = logging.getLogger("ailab")
 
@@ -73,7 +73,7 @@ def to_torchscript(model, example, path):
         module = torch.jit.script(model)
         dynamic = True
     except Exception as e:  # scripting rejects many Python constructs; tracing accepts them
-        log.warning(f"torch.jit.script failed ({str(e).strip().splitlines()[0]}); tracing at "
+        log.warning(f"torch.jit.script failed ({first_line(e)}); tracing at "
                     f"{tuple(example.shape)} instead")
         module = torch.jit.trace(model, example, check_trace=False)
         dynamic = False
@@ -91,7 +91,7 @@ def to_onnx(model, example, path):
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=(dims,), verbose=False, **names)
         dynamic = True
     except Exception as e:  # noqa: BLE001 - any exporter failure: retry with fixed shapes
-        log.warning(f"dynamic-shape ONNX export failed ({str(e).strip().splitlines()[0]}); exporting with the "
+        log.warning(f"dynamic-shape ONNX export failed ({first_line(e)}); exporting with the "
                     f"fixed input size {tuple(example.shape)}")
         program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, **names)
         dynamic = False

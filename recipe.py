@@ -5,7 +5,6 @@ Each is a flag that a config file can set; train.py applies them in this order:
 build -> pretrained weights -> freeze -> SyncBN -> channels-last -> EMA copy -> DDP -> compile.
 """
 import contextlib
-import copy
 import fnmatch
 import logging
 import os
@@ -16,7 +15,7 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from inference import resolve_amp
-from utils import UserError
+from utils import UserError, first_line
 
 log = logging.getLogger("ailab")
 
@@ -153,8 +152,7 @@ class CompileFallback(nn.Module):
                 return self.compiled(*args, **kwargs)
             except Exception as e:  # torch._dynamo raises many types (BackendCompilerFailed, ...)
                 self.failed = True
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                log.warning(f"--compile: torch.compile failed ({first[:200]}); training continues in eager mode")
+                log.warning(f"--compile: torch.compile failed ({first_line(e)[:200]}); training continues in eager mode")
         return self.eager(*args, **kwargs)
 
 
@@ -172,7 +170,7 @@ def load_ema(ema, state):
 
 def ema_state(ema):
     """The EMA's weights under the model's own names, so test.py/infer.py can load them as a model."""
-    return copy.deepcopy(ema.module.state_dict())
+    return ema.module.state_dict()
 
 
 # ----------------------------------------------------------------------------------------------

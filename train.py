@@ -257,7 +257,8 @@ def main(args):
                 log.info(stopper.reason() + f"; stopped after epoch {epoch + 1} of {args.epochs}")
                 break
     except faults.Stop as stop:
-        # Nothing of the interrupted group was applied, so the state is exactly the one at `stop.step`.
+        # A signal stops right after an update, a non-finite loss right before its group's update (the group
+        # dropped, batch-norm statistics rolled back): either way the state is exactly the one at `stop.step`.
         save([checkpoint.RECOVERY], stop.epoch, stop.batch, stop.step, stop.epoch - 1)
         where = os.path.join(args.logdir, checkpoint.RECOVERY)
         message = f"{stop}; wrote {where}; continue with --resume auto --logdir {args.logdir}"

@@ -123,9 +123,8 @@ def init_distributed(args):
         if "EADDRINUSE" in text or "address already in use" in text.lower():
             raise UserError(f"rendezvous {where} is already in use by another program; expected a free port "
                             f"(set MASTER_PORT or torchrun --master_port)") from e
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         raise UserError(f"could not join the process group at {where} as rank {rank} of {world} within "
-                        f"--dist_timeout {args.dist_timeout:g} s: {first}") from e
+                        f"--dist_timeout {args.dist_timeout:g} s: {first_line(e)}") from e
     return ctx
 
 
@@ -228,6 +227,12 @@ def run_entry(main, parser, argv=None):
         sys.exit(130)
 
 
+def first_line(error):
+    """The first line of an exception's message (or its type name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def link_latest(logdir):
     """Point <parent>/latest at `logdir`, so README commands can say runs/latest/best.pth."""
     parent, name = os.path.split(os.path.abspath(logdir))
@@ -268,7 +273,7 @@ def save_checkpoint(state, path):
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        reason = getattr(e, "strerror", None) or first_line(e)
         raise UserError(f"could not write checkpoint {path} ({reason}; disk full or not writable?); "
                         f"the previous file is untouched") from e
     fd = os.open(folder, os.O_RDONLY)
@@ -285,8 +290,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated, corrupt or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} could not be read ({first}); expected a .pth written by train.py") from e
+        raise UserError(f"checkpoint {path} could not be read ({first_line(e)}); expected a .pth written by train.py") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not an ailab checkpoint: expected a dict with 'model' and 'args' entries")
     return ckpt

@@ -2,7 +2,7 @@
 import argparse
 
 from registry import Registry, import_plugins
-from utils import UserError, check_compatible, load_checkpoint, unwrap_state_dict
+from utils import UserError, check_compatible, first_line, load_checkpoint, unwrap_state_dict
 
 MODELS = Registry("model")
 register_model = MODELS.register
@@ -61,7 +61,7 @@ def load_from_checkpoint(path, device="cpu", args=None):
         model.load_state_dict(unwrap_state_dict(ckpt["ema" if use_ema else "model"]))
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit model {args.model_type} ResNet-{args.layers}: "
-                        f"{str(e).splitlines()[0]}") from e
+                        f"{first_line(e)}") from e
     return model.to(device).eval(), ckpt
 
 

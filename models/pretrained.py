@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from utils import UserError, unwrap_state_dict
+from utils import UserError, first_line, unwrap_state_dict
 
 # The ImageNet classifier of a torchvision ResNet: expected in such a file, and never part of a backbone.
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
@@ -21,8 +21,7 @@ def read_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, or pickled classes that weights_only refuses
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--pretrained {path} could not be read ({first}); expected a state dict or checkpoint") from e
+        raise UserError(f"--pretrained {path} could not be read ({first_line(e)}); expected a state dict or checkpoint") from e
     for key in ("model", "state_dict"):  # a train.py checkpoint, or the common {"state_dict": ...} wrapper
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
