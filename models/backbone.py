@@ -1,17 +1,12 @@
 """torchvision ResNet trunks that return their features at every stage, dilated to output stride 8 or 16
 (DeepLab) or left undilated at output stride 32 (UNet encoder)."""
 import torch.nn as nn
-import torchvision
 
 from utils import UserError
 
-RESNETS = {
-    18: torchvision.models.resnet18,
-    34: torchvision.models.resnet34,
-    50: torchvision.models.resnet50,
-    101: torchvision.models.resnet101,
-    152: torchvision.models.resnet152,
-}
+# torchvision is imported when a backbone is built, not here: importing it costs over a second (it pulls in
+# torch._dynamo), which --help, --print_config and errors found before the model is built need not pay.
+RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
 # Which of layer2..layer4 trade their stride for dilation, per output stride (torchvision's convention).
 DILATE = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
 
@@ -54,13 +49,16 @@ class ResNetBackbone(nn.Module):
     def __init__(self, layers, output_stride=16):
         super().__init__()
         check_backbone_args(layers, output_stride, strides=tuple(sorted(DILATE)))
+        import torchvision
+
         dilate = DILATE[output_stride]
         bottleneck = layers >= 50
+        make = getattr(torchvision.models, RESNETS[layers])
         if bottleneck:
-            net = RESNETS[layers](weights=None, replace_stride_with_dilation=dilate)
+            net = make(weights=None, replace_stride_with_dilation=dilate)
         else:
             # torchvision's BasicBlock refuses dilation at construction, so patch the convs afterwards.
-            net = RESNETS[layers](weights=None)
+            net = make(weights=None)
             dilation = 1
             for stage, dilated in zip((net.layer2, net.layer3, net.layer4), dilate):
                 if dilated:
