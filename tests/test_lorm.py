@@ -158,3 +158,22 @@ def test_exports_like_eager(model_type):
         torch.testing.assert_close(torch.jit.script(model)(x), expected)
         if model_type == "deeplabv3p_lorm":  # the export's fallback, should scripting ever break
             torch.testing.assert_close(torch.jit.trace(model, x)(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_eval_forward_and_export_run_no_lorm():
+    model = make_model()
+    calls = []
+    hook = model.lorm.register_forward_hook(lambda *_: calls.append(1))
+    x, pseudo = images_and_pseudo(n=1)
+    with torch.no_grad():
+        model.train()(x, pseudo)
+        assert len(calls) == 1  # the hook sees LoRM when it runs
+        model.eval()(x, pseudo)
+        torch.jit.trace(model, x)
+    assert len(calls) == 1  # eval forward and tracing never entered it
+    hook.remove()  # a Python hook cannot be scripted
+    graph = str(torch.jit.freeze(torch.jit.script(model)).inlined_graph)
+    # LoRM's own ops (its query/key convs are called through self.lorm); the segmentation path uses none of them.
+    assert "scaled_dot_product_attention" not in graph and "cosine_similarity" not in graph
+    assert "self.lorm" not in graph and "prim::CallMethod" not in graph
