@@ -174,6 +174,6 @@ def test_eval_forward_and_export_run_no_lorm():
     assert len(calls) == 1  # eval forward and tracing never entered it
     hook.remove()  # a Python hook cannot be scripted
     graph = str(torch.jit.freeze(torch.jit.script(model)).inlined_graph)
-    # LoRM's own ops (its query/key convs are called through self.lorm); the segmentation path uses none of them.
+    # LoRM's own ops, and its frozen query/key weights (constants named self.lorm.*); the segmentation path uses none.
     assert "scaled_dot_product_attention" not in graph and "cosine_similarity" not in graph
-    assert "self.lorm" not in graph and "prim::CallMethod" not in graph
+    assert "self.lorm" not in graph
