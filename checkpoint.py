@@ -13,13 +13,17 @@ import re
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from utils import UserError, broadcast_object, load_checkpoint, save_checkpoint
+from config import NOT_SAVED
+from distributed import broadcast_object, gather_objects
+from utils import UserError, check_compatible, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("ailab")
 
 RECOVERY, LAST, BEST = "recovery.pth", "last.pth", "best.pth"
+# Settings of the machine and the launch, not of the run: a resumed run never takes them from its checkpoint.
+MACHINE_FLAGS = {"device", "distributed", "dist_backend", "dist_url", "dist_timeout", "world_size", "local_rank",
+                 "data_cache", "resume", "logdir"}
 
 
 def add_checkpoint_args(group):
@@ -59,12 +63,7 @@ def set_rng_state(state):
 
 def gather_rng_states():
     """Every rank's generator states in rank order on rank 0 (None elsewhere); a collective call."""
-    state = rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(state, out, dst=0)
-    return out
+    return gather_objects(rng_state())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,20 +106,56 @@ def resume_position(ckpt):
     return at["epoch"], at["batch"], at["step"]
 
 
+_loaded = {}
+
+
+def load_once(path):
+    """load_checkpoint, remembered for this process (flag parsing and main both need the resume checkpoint)."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    key = (os.path.abspath(path), stat and (stat.st_mtime_ns, stat.st_size))
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = load_checkpoint(path)
+    return _loaded[key]
+
+
 def find_resume(resume, logdir):
     """(path, checkpoint) to resume from, or (None, None). `auto` picks the furthest of recovery.pth and
     last.pth in `logdir` (by position, not by file time) and is a fresh start when neither exists."""
     if resume is None:
         return None, None
     if resume != "auto":
-        return resume, load_checkpoint(resume)
+        return resume, load_once(resume)
     if logdir is None:
         return None, None
-    found = [(path, load_checkpoint(path)) for path in (os.path.join(logdir, n) for n in (RECOVERY, LAST))
+    found = [(path, load_once(path)) for path in (os.path.join(logdir, n) for n in (RECOVERY, LAST))
              if os.path.isfile(path)]
     if not found:
         return None, None
     return max(found, key=lambda item: resume_position(item[1])[:2])
+
+
+def resume_logdir(resume, logdir):
+    """The run folder: --logdir, else the folder of a --resume checkpoint path (None: a new folder is named)."""
+    return logdir if logdir is not None or resume in (None, "auto") else os.path.dirname(os.path.abspath(resume))
+
+
+def saved_settings(args):
+    """The resumed checkpoint's settings, as flag defaults for this run (config.parse_args's hook); None when
+    there is nothing to resume. Machine and launch flags stay this run's own."""
+    _, ckpt = find_resume(args.resume, resume_logdir(args.resume, args.logdir))
+    if ckpt is None:
+        return None
+    return {k: v for k, v in ckpt["args"].items() if k not in MACHINE_FLAGS}
+
+
+def check_settings(ckpt, args, path):
+    """Refuse a model flag that contradicts the checkpoint; return the other settings this run changes, as
+    'flag: saved -> now' texts for the log (e.g. --epochs to extend a run)."""
+    check_compatible(ckpt, args, path)
+    saved = ckpt["args"]
+    return [f"--{key} {saved[key]} -> {value}" for key, value in sorted(vars(args).items())
+            if key in saved and key not in MACHINE_FLAGS | NOT_SAVED and saved[key] != value]
 
 
 def plan_resume(ckpt, path, args, ctx, steps_per_epoch, strict):

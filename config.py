@@ -1,6 +1,7 @@
 """Config files (TOML, YAML, JSON) and `--set KEY=VALUE` as flag defaults, checked as strictly as the flags.
 
-Precedence: built-in default < --config file < --set < a flag typed on the command line.
+Precedence: built-in default < --config file < --set < a flag typed on the command line. A resumed run puts
+the checkpoint's settings between the built-in defaults and the file (see `saved_settings` in parse_args).
 A file's keys are flag names; tables may group them (`[optim] lr = 0.02`) but a key stays unique.
 """
 import argparse
@@ -55,8 +56,12 @@ def flag_actions(parser):
     return actions
 
 
-def parse_args(parser, argv=None):
-    """argparse with config-file and --set defaults; explicit flags always win."""
+def parse_args(parser, argv=None, saved_settings=None):
+    """argparse with config-file and --set defaults; explicit flags always win.
+
+    `saved_settings(args)`, given the first parse, may return a dict of settings (a resumed checkpoint's) that
+    then replace the built-in defaults; files, --set and the command line still win over them.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
@@ -79,7 +84,14 @@ def parse_args(parser, argv=None):
     for key in values:
         actions[key].required = False  # a file may supply what the command line must otherwise give
     parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    saved = saved_settings(args) if saved_settings else None
+    if saved:
+        dests = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in dests and k not in NOT_SAVED})
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
 
 
 def read_config(path):

@@ -11,7 +11,7 @@ from tqdm import tqdm
 import inference
 from metrics import ConfusionMatrix
 from optim import set_lr
-from utils import all_reduce_sum
+from distributed import all_reduce_sum
 
 log = logging.getLogger("ailab")
 

@@ -10,7 +10,7 @@ import signal
 
 import torch
 
-from utils import all_reduce_sum
+from distributed import all_reduce_sum
 
 log = logging.getLogger("ailab")
 

@@ -16,12 +16,12 @@ import sys
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import config
 import data
+import distributed
 import export
 import inference
 import models
@@ -38,7 +38,7 @@ def get_args_parser():
     p = config.make_parser(__doc__)
     g = p.add_argument_group("inference")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
-    g.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (train.py --ema_decay)")
+    models.add_weights_arg(g)
     g.add_argument("--input", default=None, help=INPUT_KINDS + " (relative list entries: to the list's folder)")
     g.add_argument("--recursive", action="store_true", help="with a folder --input, also take its subfolders")
     g.add_argument("--output", default="predictions", help="folder for the results (the inputs' layout is kept)")
@@ -57,21 +57,21 @@ def get_args_parser():
                    help="example input size for the export; default: the checkpoint's training crop")
     inference.add_inference_args(p, crop_help="window side for --sliding; default: the checkpoint's training crop")
     models.add_model_args(p, training=False)
-    utils.add_dist_args(p)
+    distributed.add_dist_args(p, timeout=300)
     return p
 
 
 @torch.no_grad()
 def main(args):
     import_plugins(args.plugin)
-    ctx = utils.init_distributed(args)
+    ctx = distributed.init_distributed(args)
     log = utils.setup_logging(ctx)
-    model, ckpt = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
+    model, ckpt, weights = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
     trained = ckpt["args"]
     if args.export:
         if ctx.is_main:  # one file, one writer
-            export_checkpoint(model, trained, args, log)
-        utils.cleanup_distributed()
+            export_checkpoint(model, trained, args, log, weights)
+        distributed.cleanup_distributed()
         return
     if not args.input:
         raise utils.UserError(f"--input is missing; expected {INPUT_KINDS} (or --export to export the model)")
@@ -85,12 +85,13 @@ def main(args):
     # a faster one has just written, and the ranks would shard different lists.
     paths, base = collect_inputs(args.input, args.recursive, args.output)
     jobs = plan_outputs(paths, base, args)
-    exists = utils.broadcast_object([any(os.path.exists(f) for f in job["files"].values()) for job in jobs]
+    exists = distributed.broadcast_object([any(os.path.exists(f) for f in job["files"].values()) for job in jobs]
                                     if ctx.is_main else None)
     todo = [job for job, done in zip(jobs, exists) if args.overwrite or not done]
     skipped = len(jobs) - len(todo)
     log.info(f"{len(jobs)} input(s) from {args.input}; {skipped} skipped (outputs exist), {len(todo)} to predict "
-             f"on {ctx.world_size} process(es); prediction: {options.describe()}")
+             f"on {ctx.world_size} process(es) with the {weights} weights of {args.checkpoint}; "
+             f"prediction: {options.describe()}")
 
     # Each rank reads and predicts its own shard; unreadable images come back as failures, not exceptions.
     images = ImageFiles([job["path"] for job in todo], keep_rgb=args.save_overlay)
@@ -114,8 +115,8 @@ def main(args):
                         "fractions": dict(zip(names, inference.class_fractions(mask, numclasses)))})
 
     # One predictions.jsonl, written by rank 0 from every rank's records.
-    shards = gather_to_main(records)
-    n_failed = int(utils.all_reduce_sum(torch.tensor([len(failed)]))[0])
+    shards = distributed.gather_objects(records)
+    n_failed = int(distributed.all_reduce_sum(torch.tensor([len(failed)]))[0])
     if ctx.is_main:
         records = [r for shard in shards for r in shard]
         jsonl = os.path.join(args.output, "predictions.jsonl")
@@ -124,19 +125,19 @@ def main(args):
         log.info(f"wrote {len(records)} masks to {args.output} and {total} records to {jsonl}"
                  + (f"; skipped {skipped} input(s) whose outputs exist (--overwrite replaces them)" if skipped else "")
                  + (f"; {n_failed} input(s) failed" if n_failed else ""))
-    utils.cleanup_distributed()
+    distributed.cleanup_distributed()
     if n_failed:
         raise SystemExit(1)
 
 
-def export_checkpoint(model, trained, args, log):
+def export_checkpoint(model, trained, args, log, weights):
     path = args.export_path or export.default_path(args.checkpoint, args.export)
     if os.path.exists(path) and not args.overwrite:
         raise utils.UserError(f"--export_path {path} exists; pass --overwrite to replace it")
     size = tuple(args.export_size) if args.export_size else (trained.get("crop_size") or 512,) * 2
     if min(size) < 1:
         raise utils.UserError(f"--export_size {size[0]} {size[1]}: expected positive sizes")
-    log.info(f"exporting {args.checkpoint} as {args.export} (example input {size[0]}x{size[1]}, H x W)")
+    log.info(f"exporting {args.checkpoint} ({weights} weights) as {args.export} (example input {size[0]}x{size[1]}, H x W)")
     info = export.export_model(model, args.export, path, size)
     shape = "dynamic batch, height and width" if info["dynamic"] else f"fixed input 1x3x{size[0]}x{size[1]}"
     log.info(f"wrote {path}: {shape}; max abs difference from PyTorch {info['max_abs_diff']:.2e}")
@@ -251,15 +252,6 @@ def write_outputs(files, mask, probs, rgb):
         tmp = f"{stem}.tmp-{os.getpid()}{ext}"  # keep the extension: PIL and OpenCV choose the format by it
         writers[kind](tmp)
         os.replace(tmp, path)
-
-
-def gather_to_main(obj):
-    """Every rank's `obj` in rank order on rank 0 (None on the others); [obj] in a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def update_jsonl(path, records):

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from utils import all_reduce_sum
+from distributed import all_reduce_sum
 
 IGNORE_INDEX = 255
 

@@ -91,8 +91,10 @@ class Recorder:
             self.wandb.log({tag: wandb.Image(image_hwc), "x_step": step})
 
     def close(self, hparams=None, metrics=None):
+        """Flush and close every sink; later calls do nothing (train.py closes on every way out)."""
         if not self.active:
             return
+        self.active = False
         if hparams is not None:
             plain = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
             self.writer.add_hparams(plain, metrics or {}, run_name="hparams")

@@ -14,6 +14,7 @@ import numpy as np
 
 import config
 import data
+import distributed
 import inference
 import models
 import synthetic
@@ -26,7 +27,7 @@ def get_args_parser():
     p = config.make_parser(__doc__)
     g = p.add_argument_group("evaluation")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
-    g.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (train.py --ema_decay)")
+    models.add_weights_arg(g)
     g.add_argument("--dataset_path", default=None, help="default: the dataset the checkpoint was trained on")
     g.add_argument("--data_cache", default=os.environ.get("AILAB_DATA", os.path.expanduser("~/.cache/ailab")))
     g.add_argument("--split", default="val", help="list file ImageSets/Segmentation/<split>.txt")
@@ -40,15 +41,15 @@ def get_args_parser():
     add_plugin_arg(g)
     inference.add_inference_args(p, crop_help="window side for --sliding; default: the checkpoint's training crop")
     models.add_model_args(p, training=False)
-    utils.add_dist_args(p)
+    distributed.add_dist_args(p, timeout=300)
     return p
 
 
 def main(args):
     import_plugins(args.plugin)
-    ctx = utils.init_distributed(args)
+    ctx = distributed.init_distributed(args)
     log = utils.setup_logging(ctx)
-    model, ckpt = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
+    model, ckpt, weights = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
     trained = ckpt["args"]
     options = inference.options_from_args(args, ctx.device, trained.get("crop_size") or 512)
     numclasses = trained["numclasses"]
@@ -66,7 +67,7 @@ def main(args):
     save_path = args.save_path or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"test-{args.split}")
     pred_dir, overlay_dir = os.path.join(save_path, "pred"), os.path.join(save_path, "overlay")
     os.makedirs(save_path, exist_ok=True)  # every rank writes the masks of its own shard
-    log.info(f"evaluating {args.checkpoint} on {root} [{args.split}]: {len(dataset)} images, "
+    log.info(f"evaluating {args.checkpoint} ({weights} weights) on {root} [{args.split}]: {len(dataset)} images, "
              f"{ctx.world_size} process(es); prediction: {options.describe()}")
 
     def save(index, pred, image):
@@ -88,7 +89,7 @@ def main(args):
             log.info(line)
         per_class = {n: {"iou": i, "dice": d, "acc": a}
                      for n, i, d, a in zip(names, metrics["iou"], metrics["dice"], metrics["class_acc"])}
-        result = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": root, "split": args.split,
+        result = {"checkpoint": os.path.abspath(args.checkpoint), "weights": weights, "dataset": root, "split": args.split,
                   "images": len(dataset), "processes": ctx.world_size, "class_names": list(names),
                   "prediction": {"scales": list(options.scales), "base_size": options.base_size,
                                  "flip": options.flip, "sliding": options.sliding,
@@ -102,7 +103,7 @@ def main(args):
         log.info(f"wrote metrics.json and confusion.png to {save_path}"
                  + ("" if args.no_save_pred else f", {len(dataset)} masks to {pred_dir}")
                  + (f", overlays to {overlay_dir}" if args.save_overlay and not args.no_save_pred else ""))
-    utils.cleanup_distributed()
+    distributed.cleanup_distributed()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 import checkpoint
 import config
 import data
+import distributed
 import faults
 import models
 import recipe
@@ -97,33 +98,34 @@ def get_args_parser():
                    help="at most N training and N validation batches per epoch (smoke tests)")
     recipe.add_recipe_args(p)
     add_monitor_args(p)
-    utils.add_dist_args(p)
+    distributed.add_dist_args(p)
     return p
 
 
 def main(args):
     started = time.time()
     import_plugins(args.plugin)
-    ctx = utils.init_distributed(args)
+    ctx = distributed.init_distributed(args)
     named_logdir = args.logdir is not None
     if not named_logdir:
         # train_torchrun.sh exports one stamp, so a worker group restarted by torchrun finds the same folder.
         stamp = os.environ.get("AILAB_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
-        args.logdir = (os.path.dirname(os.path.abspath(args.resume)) if args.resume not in (None, "auto")
-                       else os.path.join("runs", f"{args.model_type}-r{args.layers}-{stamp}"))
-        args.logdir = utils.broadcast_object(args.logdir)  # rank 0's clock names the folder
+        args.logdir = (checkpoint.resume_logdir(args.resume, args.logdir)
+                       or os.path.join("runs", f"{args.model_type}-r{args.layers}-{stamp}"))
+        args.logdir = distributed.broadcast_object(args.logdir)  # rank 0's clock names the folder
     # A checkpoint to resume is read and checked before anything is written, so a bad one changes nothing.
+    # Its settings are already this run's defaults (checkpoint.saved_settings, at parse time).
     resume_path, ckpt = checkpoint.find_resume(args.resume, args.logdir)
-    if ckpt is not None:
-        utils.check_compatible(ckpt, args, resume_path)
+    changed = checkpoint.check_settings(ckpt, args, resume_path) if ckpt is not None else []
     recipe.check_recipe_args(args)
     log = utils.setup_logging(ctx, os.path.join(args.logdir, "train.log") if ctx.is_main else None)
+    if changed:
+        log.warning(f"resuming {resume_path} with settings changed from the checkpoint's: {'; '.join(changed)}")
     lr = utils.scaled_lr(args, ctx.world_size)
     log.info(f"{ctx.world_size} process(es) on {ctx.device} (backend {ctx.backend or 'none'}); logdir {args.logdir}")
     log.info(f"lr {args.lr:g} × {ctx.world_size} processes = {lr:g}" if args.lr_scaling == "linear"
              else f"lr {lr:g} (not scaled by the {ctx.world_size} processes)")
     log.info(f"batch {args.batchsize} per process × {ctx.world_size} = {args.batchsize * ctx.world_size} per step")
-    gpu_monitor = GpuMonitor(args, ctx)
 
     # Data: the built-in set is generated once per machine by local rank 0 while the others wait.
     root = synthetic.resolve_root(args.dataset_path, args.data_cache, ctx)
@@ -200,6 +202,7 @@ def main(args):
         if not named_logdir:
             utils.link_latest(args.logdir)
     recorder = Recorder(args, ctx, config_text)
+    gpu_monitor = GpuMonitor(args, ctx)
     utils.seed_everything(args.seed + ctx.rank)  # augmentation is seeded per sample; this is for the rest
     if ckpt is not None and exact and len(ckpt.get("rng", [])) == ctx.world_size:
         checkpoint.set_rng_state(ckpt["rng"][ctx.rank])
@@ -230,6 +233,9 @@ def main(args):
             train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx,
                                           args, recorder, amp, guard, first_batch, on_update)
             first_batch = 0
+            # Without SyncBN each rank's batch-norm statistics differ after its last step: every rank scores
+            # rank 0's, the ones the checkpoint saves (DDP copies them again before the next training step).
+            distributed.broadcast_tensors([*model_without_ddp.buffers(), *(ema.module.buffers() if ema else ())])
             options = PredictOptions(amp_dtype=amp.dtype)
             val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
                            options=options, progress=show_progress(ctx, args))
@@ -238,7 +244,7 @@ def main(args):
                                   options=options, progress=show_progress(ctx, args)), "raw_miou": val["miou"]}
             improved = val["miou"] > best_miou
             best_miou, best_epoch = (val["miou"], epoch + 1) if improved else (best_miou, best_epoch)
-            stop = utils.broadcast_object(stopper.update(val["miou"], epoch + 1))  # every rank stops together
+            stop = distributed.broadcast_object(stopper.update(val["miou"], epoch + 1))  # every rank stops together
             rates.append(train["images_per_s"])
             log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}"
                      + (f" (EMA; raw weights {val['raw_miou']:.4f})" if ema else "")
@@ -265,20 +271,22 @@ def main(args):
         if stop.exit_code == 2:
             raise utils.UserError(message) from None
         log.error(message if ctx.is_main else str(stop))  # every rank says why it stops
-        utils.cleanup_distributed()
+        distributed.cleanup_distributed()
         sys.exit(stop.exit_code)
-    finally:
+    else:
+        recorder.close(hparams=vars(args), metrics={"hparams/best_miou": best_miou})
+    finally:  # on every way out (a signal, a non-finite loss, an error) the records reach the disk
         guard.restore()
         gpu_monitor.stop()
+        recorder.close()
 
-    recorder.close(hparams=vars(args), metrics={"hparams/best_miou": best_miou})
     rss, gpu = peak_memory()
     log.info(f"done in {time.time() - started:.0f} s: best val mIoU {best_miou:.4f} at epoch {best_epoch}"
              + (f"; last epoch val mIoU {val['miou']:.4f}, pixel acc {val['acc']:.4f}" if rates else "")
              + (f"; mean {sum(rates) / len(rates):.1f} img/s" if rates else "")
              + f"; peak memory {rss:.0f} MiB RSS" + (f", {gpu:.0f} MiB GPU" if gpu else "")
              + f"; checkpoints {os.path.join(args.logdir, 'best.pth')} and {os.path.join(args.logdir, 'last.pth')}")
-    utils.cleanup_distributed()
+    distributed.cleanup_distributed()
 
 
 def record_epoch(recorder, epoch, train, val, class_names):
@@ -301,4 +309,4 @@ def record_epoch(recorder, epoch, train, val, class_names):
 
 
 if __name__ == "__main__":
-    utils.run_entry(main, get_args_parser())
+    utils.run_entry(main, get_args_parser(), saved_settings=checkpoint.saved_settings)

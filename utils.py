@@ -1,170 +1,21 @@
-"""Process setup and teardown, rank-0 helpers, logging, seeding and checkpoint I/O.
-
-One process model: a single process is a world of size 1. The collective helpers below are no-ops
-when no process group exists, so callers never branch on the world size.
-"""
-import argparse
-import datetime
+"""Errors, logging, seeding, the entry-point wrapper and checkpoint I/O. Processes and collectives: distributed.py."""
 import logging
 import os
 import random
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+class RunError(Exception):
+    """A reason to stop that the user reads as one line, without a traceback; the process exits with exit_code."""
+    exit_code = 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Processes
-# ----------------------------------------------------------------------------------------------
-
-# Launchers and the variables they set: (rank, world size, local rank). torchrun and
-# torch.distributed.launch set the first; SLURM's srun, OpenMPI's and MPICH/Intel MPI's mpirun the others.
-LAUNCHER_ENV = (
-    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ("SLURM", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-    ("OpenMPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    ("PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    backend: str = ""
-    launcher: str = ""
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return dist.is_available() and dist.is_initialized()
-
-
-def add_dist_args(parser):
-    g = parser.add_argument_group("processes")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--distributed", action="store_true",
-                   help="join a process group; rank, world size and local rank come from the launcher's environment")
-    g.add_argument("--dist_backend", default=None, choices=["nccl", "gloo", "mpi"],
-                   help="default: nccl on GPUs, gloo on the CPU")
-    g.add_argument("--dist_url", default="env://",
-                   help="rendezvous: env:// reads MASTER_ADDR/MASTER_PORT, or tcp://HOST:PORT")
-    g.add_argument("--dist_timeout", type=float, default=1800, help="seconds a collective may wait")
-    g.add_argument("--world_size", type=int, default=None,
-                   help="expected number of processes; checked against the launcher's environment")
-    # The legacy launcher passes --local-rank (or --local_rank); the environment wins where it has one.
-    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return g
-
-
-def launcher_env(args):
-    """(launcher, rank, world size, local rank) from the environment, or None for a plain single process."""
-    for launcher, rank_key, size_key, local_key in LAUNCHER_ENV:
-        if rank_key in os.environ and size_key in os.environ:
-            # A batch allocation sets SLURM_/MPI variables for a plain `python` too; only torchrun's
-            # variables mean "you are one of N" without --distributed.
-            if launcher != "torchrun" and not args.distributed:
-                continue
-            rank, size = int(os.environ[rank_key]), int(os.environ[size_key])
-            local = os.environ.get(local_key)
-            local = int(local) if local is not None else (args.local_rank or 0)
-            return launcher, rank, size, local
-    return None
-
-
-def init_distributed(args):
-    """Pick the device and, under a launcher, join the process group. Returns a Dist."""
-    found = launcher_env(args)
-    launcher, rank, world, local = found or ("", 0, 1, args.local_rank or 0)
-    if args.world_size is not None and args.world_size != world:
-        raise UserError(f"--world_size {args.world_size} does not match the {world} process(es) "
-                        f"that the environment ({launcher or 'no launcher'}) describes")
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {args.device} was asked for, but no CUDA GPU is visible")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-    ctx = Dist(rank, world, local, device, launcher=launcher)
-    # --distributed without any launcher (e.g. a saved config re-run by hand) is simply one process.
-    if found is None or not (args.distributed or world > 1):
-        return ctx
-    if args.dist_url == "env://":
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise UserError(f"{' and '.join(missing)} not set: the {launcher or 'environment'} gives no rendezvous "
-                            f"address; export MASTER_ADDR/MASTER_PORT or pass --dist_url tcp://HOST:PORT")
-    ctx.backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
-    where = (f"{os.environ.get('MASTER_ADDR')} port {os.environ.get('MASTER_PORT')}" if args.dist_url == "env://"
-             else args.dist_url)
-    timeout = datetime.timedelta(seconds=args.dist_timeout)
-    try:
-        dist.init_process_group(ctx.backend, rank=rank, world_size=world, timeout=timeout,
-                                device_id=device if ctx.backend == "nccl" else None,
-                                **rendezvous(args.dist_url, rank, world, timeout))
-    except (RuntimeError, ValueError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
-        text = str(e)
-        if "EADDRINUSE" in text or "address already in use" in text.lower():
-            raise UserError(f"rendezvous {where} is already in use by another program; expected a free port "
-                            f"(set MASTER_PORT or torchrun --master_port)") from e
-        raise UserError(f"could not join the process group at {where} as rank {rank} of {world} within "
-                        f"--dist_timeout {args.dist_timeout:g} s: {first_line(e)}") from e
-    return ctx
-
-
-def rendezvous(dist_url, rank, world, timeout):
-    """init_process_group's rendezvous arguments. After a torchrun restart, the store keys are prefixed with the
-    restart count: torchrun keeps its store across restarts, and a new worker could otherwise read the address
-    that a dead worker of the previous attempt published, and fail with "connection refused"."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if dist_url != "env://" or attempt is None:
-        return {"init_method": dist_url}
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent_store, timeout=timeout, multi_tenant=True)
-    return {"store": dist.PrefixStore(f"ailab/attempt_{attempt}", store)}
-
-
-def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_reduce_sum(tensor):
-    """Sum a tensor over all ranks in place (nothing to do in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def broadcast_object(obj):
-    """Rank 0's value of a picklable object, on every rank."""
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+class UserError(RunError):
+    """A problem with the user's input: printed as one line, exit code 2."""
+    exit_code = 2
 
 
 def scaled_lr(args, world_size):
@@ -204,24 +55,25 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def run_entry(main, parser, argv=None):
+def run_entry(main, parser, argv=None, saved_settings=None):
     """Parse flags (config file, --set, command line) and run `main(args)`.
 
-    A UserError becomes one line on stderr and exit code 2.
+    A RunError (UserError: exit code 2) becomes one line on stderr and its exit code.
     """
-    import config  # config.py imports this module for UserError
+    import config  # both import this module (UserError)
+    import distributed
     try:
-        args = config.parse_args(parser, argv)
+        args = config.parse_args(parser, argv, saved_settings)
         if args.print_config:
             print(config.to_toml(args, parser), end="")
             return
         main(args)
-    except UserError as e:
+    except RunError as e:
         rank = os.environ.get("RANK")
         tag = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{tag}error: {e}", file=sys.stderr, flush=True)
-        cleanup_distributed()
-        sys.exit(2)
+        distributed.cleanup_distributed()
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
@@ -315,5 +167,6 @@ def check_compatible(ckpt, args, path):
     saved = ckpt["args"]
     for key in MODEL_KEYS:
         if key in saved and getattr(args, key, None) is not None and saved[key] != getattr(args, key):
-            raise UserError(f"checkpoint {path} was trained with --{key} {saved[key]}, "
-                            f"but this run has --{key} {getattr(args, key)}; drop the flag or use another checkpoint")
+            raise UserError(f"checkpoint {path} was trained with --{key} {saved[key]}, but this run asks for "
+                            f"--{key} {getattr(args, key)}; the model is the checkpoint's: drop the flag, or use "
+                            f"another checkpoint")

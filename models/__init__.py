@@ -42,27 +42,37 @@ def add_model_args(parser, training=True):
     return g
 
 
-def load_from_checkpoint(path, device="cpu", args=None):
-    """(model in eval mode on `device`, checkpoint dict) from a train.py checkpoint.
+def add_weights_arg(group):
+    group.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+                       help="which weights of the checkpoint: auto (the EMA weights when it has them, as they are "
+                            "the ones whose val mIoU train.py logged and chose best.pth by; else the raw ones), "
+                            "ema, or raw")
+    group.add_argument("--ema", dest="weights", action="store_const", const="ema", help="same as --weights ema")
 
-    The checkpoint's args name the model; a model flag given in `args` must agree with them. With
-    `args.ema` the checkpoint's EMA weights (train.py --ema_decay) are loaded instead of the raw ones.
+
+def load_from_checkpoint(path, device="cpu", args=None):
+    """(model in eval mode on `device`, checkpoint dict, "ema" or "raw") from a train.py checkpoint.
+
+    The checkpoint's args name the model; a model flag given in `args` must agree with them. `args.weights`
+    picks the EMA weights (train.py --ema_decay) or the raw ones; auto takes the EMA weights when there are any.
     """
     ckpt = load_checkpoint(path)
     import_plugins(ckpt["args"].get("plugin"))  # a model from a plugin needs that plugin to be rebuilt
     if args is not None:
         check_compatible(ckpt, args, path)
-    use_ema = getattr(args, "ema", False)
-    if use_ema and "ema" not in ckpt:
-        raise UserError(f"--ema: checkpoint {path} holds no EMA weights; expected one trained with --ema_decay")
+    weights = getattr(args, "weights", "auto")
+    if weights == "ema" and "ema" not in ckpt:
+        raise UserError(f"--weights ema: checkpoint {path} holds no EMA weights; expected one trained with "
+                        f"--ema_decay")
+    weights = "ema" if weights == "auto" and "ema" in ckpt else "raw" if weights == "auto" else weights
     args = argparse.Namespace(**ckpt["args"])
     model = build_model(args)
     try:
-        model.load_state_dict(unwrap_state_dict(ckpt["ema" if use_ema else "model"]))
+        model.load_state_dict(unwrap_state_dict(ckpt["ema" if weights == "ema" else "model"]))
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit model {args.model_type} ResNet-{args.layers}: "
                         f"{first_line(e)}") from e
-    return model.to(device).eval(), ckpt
+    return model.to(device).eval(), ckpt, weights
 
 
 # Imported after MODELS exists: these modules register the built-in models with it.

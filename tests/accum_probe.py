@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
 import faults  # noqa: E402
 import recipe  # noqa: E402
-import utils  # noqa: E402
+import distributed  # noqa: E402
 from monitor import Recorder  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def epoch_with_accum(accum, ctx):
         return loss, {"ce": loss.detach()}
 
     _, steps = engine.train_one_epoch(model, criterion, optimizer, batches, lambda step: 0.1, 0, 0, ctx, args,
-                                      Recorder(args, utils.Dist(rank=1), ""), recipe.Amp(),
+                                      Recorder(args, distributed.Dist(rank=1), ""), recipe.Amp(),
                                       faults.Guard(args, handle_signals=False))
     checksum = sum(float(p.double().sum()) for p in model.parameters())
     return {"allreduce_calls": calls[0], "updates": steps, "checksum": checksum}
@@ -52,7 +52,7 @@ def epoch_with_accum(accum, ctx):
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    ctx = utils.Dist(rank=dist.get_rank(), world_size=dist.get_world_size())
+    ctx = distributed.Dist(rank=dist.get_rank(), world_size=dist.get_world_size())
     result = {"rank": ctx.rank, "k1": epoch_with_accum(1, ctx), "k2": epoch_with_accum(2, ctx)}
     with open(os.path.join(sys.argv[1], f"rank{ctx.rank}.json"), "w") as f:  # one file per rank: no interleaving
         json.dump(result, f)

@@ -95,7 +95,7 @@ def test_incompatible_resume_checkpoint(tmp_path, trained, tiny_data):
     proc = run(["train.py", *TINY, "--layers", "34", "--dataset_path", tiny_data, "--numclasses", "5",
                 "--resume", os.path.join(logdir, "last.pth"), "--logdir", str(tmp_path / "run")], check=False)
     assert proc.returncode == 2
-    assert "was trained with --layers 18, but this run has --layers 34" in proc.stderr
+    assert "was trained with --layers 18, but this run asks for --layers 34" in proc.stderr
 
 
 def test_corrupt_checkpoint(tmp_path, tiny_data):

@@ -131,7 +131,7 @@ def test_checkpoint_supplies_model_flags_and_refuses_contradictions(tmp_path, tr
     assert "mIoU" in ok.stdout
     proc = run(["test.py", "--checkpoint", ckpt, "--layers", "50", "--save_path", str(tmp_path / "b")], check=False)
     assert proc.returncode == 2
-    assert f"checkpoint {ckpt} was trained with --layers 18, but this run has --layers 50" in proc.stderr
+    assert f"checkpoint {ckpt} was trained with --layers 18, but this run asks for --layers 50" in proc.stderr
     proc = run(["infer.py", "--checkpoint", ckpt, "--numclasses", "21", "--input", os.path.join(tiny_data, "JPEGImages"),
                 "--output", str(tmp_path / "c")], check=False)
     assert proc.returncode == 2 and "--numclasses 5" in proc.stderr

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import distributed
 import utils
 from losses import cross_entropy
 from metrics import ConfusionMatrix
@@ -62,20 +63,26 @@ def dist_args(**kw):
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, ("torchrun", 3, 4, 1)),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, ("SLURM", 5, 8, 1)),
-    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, ("OpenMPI", 2, 3, 0)),
-    ({"PMI_RANK": "1", "PMI_SIZE": "2"}, ("PMI", 1, 2, 0)),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, ("torchrun", 3, 4, 1, 2)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, ("SLURM", 5, 8, 1, None)),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, ("OpenMPI", 2, 3, 0, 3)),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2"}, ("PMI", 1, 2, 0, None)),
     # torchrun inside a SLURM allocation: torchrun's variables win
-    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, ("torchrun", 1, 2, 1)),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+     ("torchrun", 1, 2, 1, None)),
+    # mpirun inside an sbatch job: every process inherits the batch step's SLURM_PROCID=0; MPI's variables win
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+     ("OpenMPI", 1, 2, 0, None)),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, ("PMI", 1, 2, 0, None)),
 ])
 def test_launcher_environment(monkeypatch, env, expected):
-    for _, *keys in utils.LAUNCHER_ENV:
+    for _, *keys in distributed.LAUNCHER_ENV:
         for k in keys:
             monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert utils.launcher_env(dist_args()) == expected
+    assert distributed.launcher_env(dist_args()) == expected
 
 
 def test_slurm_variables_need_distributed_flag(monkeypatch):
@@ -83,11 +90,11 @@ def test_slurm_variables_need_distributed_flag(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert utils.launcher_env(dist_args(distributed=False)) is None
+    assert distributed.launcher_env(dist_args(distributed=False)) is None
 
 
 def test_missing_master_addr_is_a_clear_error(monkeypatch):
-    for _, *keys in utils.LAUNCHER_ENV:
+    for _, *keys in distributed.LAUNCHER_ENV:
         for k in keys:
             monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "0")
@@ -96,4 +103,4 @@ def test_missing_master_addr_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     args = dist_args(device="cpu", world_size=None, dist_url="env://", dist_backend=None, dist_timeout=10)
     with pytest.raises(utils.UserError, match="MASTER_ADDR and MASTER_PORT not set.*SLURM"):
-        utils.init_distributed(args)
+        distributed.init_distributed(args)
