@@ -175,15 +175,20 @@ def comm_device(backend, device):
 
 
 def rendezvous(dist_url, rank, world, timeout):
-    """init_process_group's rendezvous arguments. After a torchrun restart, the store keys are prefixed with the
-    restart count: torchrun keeps its store across restarts, and a new worker could otherwise read the address
-    that a dead worker of the previous attempt published, and fail with "connection refused"."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if dist_url != "env://" or attempt is None:
+    """init_process_group's rendezvous arguments. Under torchrun, the process group's keys go under a prefix that
+    names the attempt: torchrun's store outlives a restart of the workers, and a new worker could otherwise read
+    the address a dead worker of an earlier attempt had published, and fail with "connection refused".
+
+    The attempt is counted in the store by each rank itself: the n-th start of every rank is the n-th attempt.
+    TORCHELASTIC_RESTART_COUNT cannot serve: each node's agent counts only its own failures, so after a worker
+    dies on one node of a multi-node job, the other node's workers restart with the old count and the two
+    halves would wait for each other under different prefixes."""
+    if dist_url != "env://" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return {"init_method": dist_url}
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=rank == 0 and not agent_store, timeout=timeout, multi_tenant=True)
+    attempt = store.add(f"ailab/starts/world{world}/rank{rank}", 1)
     return {"store": dist.PrefixStore(f"ailab/attempt_{attempt}", store)}
 
 
