@@ -96,7 +96,8 @@ def main(args):
     # Each rank reads and predicts its own shard; unreadable images come back as failures, not exceptions.
     images = ImageFiles([job["path"] for job in todo], keep_rgb=args.save_overlay)
     sampler = data.ShardSampler(len(images), ctx.rank, ctx.world_size)
-    loader = DataLoader(images, batch_size=None, sampler=sampler, num_workers=args.workers,
+    loader = DataLoader(data.worker_dataset(images, args.workers), batch_size=None, sampler=sampler,
+                        num_workers=args.workers, multiprocessing_context=data.worker_context(args.workers),
                         worker_init_fn=data.seed_worker, pin_memory=ctx.device.type == "cuda")
     records, failed = [], []
     for item in tqdm(loader, total=len(sampler), desc="predict", file=sys.stdout, dynamic_ncols=True,

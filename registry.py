@@ -50,7 +50,12 @@ class Registry:
         return name in self._builders
 
 
-_imported = set()
+_imported = {}  # the plugins imported so far, in order: absolute path of a .py file, or a module name
+
+
+def imported_plugins():
+    """The plugins this process has imported, as specs that import_plugins() accepts from any folder."""
+    return list(_imported)
 
 
 def import_plugins(specs):
@@ -74,7 +79,7 @@ def import_plugins(specs):
             raise
         except Exception as e:  # whatever the plugin raised, the user needs its name and the reason
             raise UserError(f"--plugin {spec} failed to import: {type(e).__name__}: {e}") from e
-        _imported.add(key)
+        _imported[key] = None
 
 
 def add_plugin_arg(group):
