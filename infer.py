@@ -16,7 +16,7 @@ import sys
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import config
@@ -26,6 +26,7 @@ import export
 import inference
 import models
 import utils
+import workers
 from engine import predict
 from registry import add_plugin_arg, import_plugins
 
@@ -96,9 +97,7 @@ def main(args):
     # Each rank reads and predicts its own shard; unreadable images come back as failures, not exceptions.
     images = ImageFiles([job["path"] for job in todo], keep_rgb=args.save_overlay)
     sampler = data.ShardSampler(len(images), ctx.rank, ctx.world_size)
-    loader = DataLoader(data.worker_dataset(images, args.workers), batch_size=None, sampler=sampler,
-                        num_workers=args.workers, multiprocessing_context=data.worker_context(args.workers),
-                        worker_init_fn=data.seed_worker, pin_memory=ctx.device.type == "cuda")
+    loader = workers.make_loader(images, None, args.workers, sampler)
     records, failed = [], []
     for item in tqdm(loader, total=len(sampler), desc="predict", file=sys.stdout, dynamic_ncols=True,
                      disable=not (ctx.is_main and sys.stdout.isatty())):

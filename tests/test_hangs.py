@@ -4,7 +4,7 @@ They were fork()ed from a rank that had other threads. A check_dataset thread th
 still be in OpenCV's thread-exit cleanup, holding OpenCV's TLS mutex; the worker got that mutex locked, its first
 cv2.imread waited forever and the other ranks waited in the next all-reduce (3-process test.py on the built-in
 data: 3 of 6 runs hung in one series, 1 of 20 in another). Workers now start from a fork server
-(data.worker_context), a process with one thread.
+(workers.worker_context), a process with one thread.
 """
 import os
 import signal
