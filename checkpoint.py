@@ -110,12 +110,14 @@ _loaded = {}
 
 
 def load_once(path):
-    """load_checkpoint, remembered for this process (flag parsing and main both need the resume checkpoint)."""
+    """load_checkpoint, read from disk once for flag parsing and main: the first call keeps what it loaded, the
+    next call for the same unchanged file hands it over and forgets it, so a large checkpoint is not held in memory
+    for the whole run."""
     stat = os.stat(path) if os.path.isfile(path) else None
     key = (os.path.abspath(path), stat and (stat.st_mtime_ns, stat.st_size))
-    if key not in _loaded:
-        _loaded.clear()
-        _loaded[key] = load_checkpoint(path)
+    if key in _loaded:
+        return _loaded.pop(key)
+    _loaded[key] = load_checkpoint(path)
     return _loaded[key]
 
 
