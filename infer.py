@@ -1,4 +1,5 @@
-"""Predict a palette PNG mask for each input image, or export the checkpoint's model.
+"""Predict each input image with a checkpoint (segmentation: a palette PNG mask; classification: the top-k classes
+in predictions.jsonl), or export the checkpoint's model.
 
     python infer.py --checkpoint runs/x/best.pth --input img.jpg|folder|'glob*.jpg'|list.txt --output predictions
     python infer.py --checkpoint runs/x/best.pth --input photos --recursive --save_overlay --scales 0.75 1 --flip
@@ -8,27 +9,28 @@
 Each output keeps the input's path relative to the input folder (or to the folder the inputs share).
 Existing outputs are kept unless --overwrite; an unreadable image is reported, skipped and makes the exit code 1.
 """
+import csv
 import glob
+import io
 import json
 import os
 import sys
 
 import cv2
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import config
-import data
-import distributed
-import export
-import inference
 import models
+import tasks
 import utils
-import workers
-from engine import predict
-from registry import add_plugin_arg, import_plugins
+from core import config, distributed
+from core.entry import run_entry
+from core.registry import add_plugin_arg, import_plugins
+from data.loaders import ShardSampler
+from data.workers import make_loader
+from evaluation import export, inference
+from tasks.base import trained_args
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
@@ -44,8 +46,11 @@ def get_args_parser():
     g.add_argument("--recursive", action="store_true", help="with a folder --input, also take its subfolders")
     g.add_argument("--output", default="predictions", help="folder for the results (the inputs' layout is kept)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping them")
-    g.add_argument("--save_overlay", action="store_true", help="also write <name>_overlay.jpg: image and mask blended")
-    g.add_argument("--save_probs", action="store_true", help="also write <name>_probs.npy: float32 K x H x W")
+    g.add_argument("--save_overlay", action="store_true",
+                   help="segmentation: also write <name>_overlay.jpg: image and mask blended")
+    g.add_argument("--save_probs", action="store_true", help="segmentation: also write <name>_probs.npy: float32 K x H x W")
+    g.add_argument("--save_csv", action="store_true", help="also write predictions.csv, one row per image")
+    g.add_argument("--topk", type=int, default=None, help="classification: classes per image; default: the checkpoint's")
     g.add_argument("--class_names", default=None, metavar="FILE",
                    help="one class name per line, for predictions.jsonl; default: the checkpoint's")
     g.add_argument("--workers", type=int, default=2, help="image-reading processes")
@@ -67,37 +72,39 @@ def main(args):
     import_plugins(args.plugin)
     ctx = distributed.init_distributed(args)
     log = utils.setup_logging(ctx)
-    model, ckpt, weights = models.load_from_checkpoint(args.checkpoint, ctx.device, args)
-    trained = ckpt["args"]
+    task, model, ckpt, weights = tasks.load_from_checkpoint(args.checkpoint, ctx.device, args)
+    trained = trained_args(ckpt)
     if args.export:
         if ctx.is_main:  # one file, one writer
-            export_checkpoint(model, trained, args, log, weights)
+            export_checkpoint(model, task.example_size(trained), args, log, weights)
         distributed.cleanup_distributed()
         return
     if not args.input:
         raise utils.UserError(f"--input is missing; expected {INPUT_KINDS} (or --export to export the model)")
-    options = inference.options_from_args(args, ctx.device, trained.get("crop_size") or 512)
-    numclasses = trained["numclasses"]
+    args.topk = args.topk or getattr(trained, "topk", 5)
+    options = task.predict_options(args, trained, ctx.device)
+    numclasses = trained.numclasses
     names = (inference.read_class_names(args.class_names, numclasses) if args.class_names
              else ckpt.get("class_names") or [f"class {i}" for i in range(numclasses)])
 
     # Plan: every input's outputs; inputs whose outputs exist are skipped, so a re-run only does what is missing.
     # Rank 0 alone looks at what exists, before anyone writes: a slower rank would otherwise see the masks
-    # a faster one has just written, and the ranks would shard different lists.
+    # a faster one has just written, and the ranks would shard different lists. An input without files of its
+    # own (classification) is done when predictions.jsonl has its line.
+    jsonl = os.path.join(args.output, "predictions.jsonl")
     paths, base = collect_inputs(args.input, args.recursive, args.output)
-    jobs = plan_outputs(paths, base, args)
-    exists = distributed.broadcast_object([any(os.path.exists(f) for f in job["files"].values()) for job in jobs]
-                                    if ctx.is_main else None)
+    jobs = plan_outputs(paths, base, args, task)
+    exists = distributed.broadcast_object(done_inputs(jobs, jsonl) if ctx.is_main else None)
     todo = [job for job, done in zip(jobs, exists) if args.overwrite or not done]
     skipped = len(jobs) - len(todo)
     log.info(f"{len(jobs)} input(s) from {args.input}; {skipped} skipped (outputs exist), {len(todo)} to predict "
-             f"on {ctx.world_size} process(es) with the {weights} weights of {args.checkpoint}; "
+             f"on {ctx.world_size} process(es) with the {weights} weights of {args.checkpoint} ({task.name}); "
              f"prediction: {options.describe()}")
 
     # Each rank reads and predicts its own shard; unreadable images come back as failures, not exceptions.
-    images = ImageFiles([job["path"] for job in todo], keep_rgb=args.save_overlay)
-    sampler = data.ShardSampler(len(images), ctx.rank, ctx.world_size)
-    loader = workers.make_loader(images, None, args.workers, sampler)
+    images = ImageFiles([job["path"] for job in todo], task.infer_transform(trained), keep_rgb=args.save_overlay)
+    sampler = ShardSampler(len(images), ctx.rank, ctx.world_size)
+    loader = make_loader(images, None, args.workers, sampler)
     records, failed = [], []
     for item in tqdm(loader, total=len(sampler), desc="predict", file=sys.stdout, dynamic_ncols=True,
                      disable=not (ctx.is_main and sys.stdout.isatty())):
@@ -106,23 +113,19 @@ def main(args):
             log.warning(f"skipped {job['path']}: {item['error']}")
             failed.append(job["path"])
             continue
-        probs = predict(model, item["image"].unsqueeze(0).to(ctx.device), options)[0]
-        mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
-        write_outputs(job["files"], mask, probs, item["rgb"])
-        height, width = mask.shape
-        records.append({"path": job["path"], "mask": os.path.relpath(job["files"]["mask"], args.output),
-                        "height": height, "width": width,
-                        "fractions": dict(zip(names, inference.class_fractions(mask, numclasses)))})
+        probs = task.predict(model, item["image"].unsqueeze(0).to(ctx.device), options)[0]
+        records.append(task.infer_record(probs, item, job, names, args))
 
-    # One predictions.jsonl, written by rank 0 from every rank's records.
+    # One predictions.jsonl (and predictions.csv), written by rank 0 from every rank's records.
     shards = distributed.gather_objects(records)
     n_failed = int(distributed.all_reduce_sum(torch.tensor([len(failed)]))[0])
     if ctx.is_main:
         records = [r for shard in shards for r in shard]
-        jsonl = os.path.join(args.output, "predictions.jsonl")
         os.makedirs(args.output, exist_ok=True)
-        total = update_jsonl(jsonl, records)
-        log.info(f"wrote {len(records)} masks to {args.output} and {total} records to {jsonl}"
+        merged = update_jsonl(jsonl, records)
+        if args.save_csv:
+            write_csv(os.path.join(args.output, "predictions.csv"), merged)
+        log.info(f"wrote {len(records)} {task.outputs} to {args.output} and {len(merged)} records to {jsonl}" + (" and predictions.csv" if args.save_csv else "")
                  + (f"; skipped {skipped} input(s) whose outputs exist (--overwrite replaces them)" if skipped else "")
                  + (f"; {n_failed} input(s) failed" if n_failed else ""))
     distributed.cleanup_distributed()
@@ -130,11 +133,11 @@ def main(args):
         raise SystemExit(1)
 
 
-def export_checkpoint(model, trained, args, log, weights):
+def export_checkpoint(model, example_size, args, log, weights):
     path = args.export_path or export.default_path(args.checkpoint, args.export)
     if os.path.exists(path) and not args.overwrite:
         raise utils.UserError(f"--export_path {path} exists; pass --overwrite to replace it")
-    size = tuple(args.export_size) if args.export_size else (trained.get("crop_size") or 512,) * 2
+    size = tuple(args.export_size) if args.export_size else tuple(example_size)
     if min(size) < 1:
         raise utils.UserError(f"--export_size {size[0]} {size[1]}: expected positive sizes")
     log.info(f"exporting {args.checkpoint} ({weights} weights) as {args.export} (example input {size[0]}x{size[1]}, H x W)")
@@ -189,17 +192,13 @@ def read_list(path):
     return list(dict.fromkeys(os.path.normpath(os.path.join(folder, e)) for e in entries))
 
 
-def plan_outputs(paths, base, args):
+def plan_outputs(paths, base, args, task):
     """For each input, the files it will write under --output; two inputs may not share an output."""
     jobs, owner = [], {}
     for path in paths:
         stem = os.path.join(args.output, os.path.splitext(os.path.relpath(os.path.abspath(path),
                                                                            os.path.abspath(base)))[0])
-        files = {"mask": stem + ".png"}
-        if args.save_overlay:
-            files["overlay"] = stem + "_overlay.jpg"
-        if args.save_probs:
-            files["probs"] = stem + "_probs.npy"
+        files = task.output_files(stem, args)
         for f in files.values():
             key = os.path.abspath(f)
             if key in owner:
@@ -214,12 +213,19 @@ def plan_outputs(paths, base, args):
     return jobs
 
 
+def done_inputs(jobs, jsonl):
+    """Whether each input's outputs exist: its files, or (without files of its own) its line in predictions.jsonl."""
+    listed = set(read_jsonl(jsonl)) if any(not job["files"] for job in jobs) else set()
+    return [any(os.path.exists(f) for f in job["files"].values()) if job["files"] else job["path"] in listed
+            for job in jobs]
+
+
 class ImageFiles(Dataset):
-    """Images by path as {index, image (normalised tensor), rgb, error}; a file that cannot be read gives
+    """Images by path as {index, image (transform(rgb)), rgb, error}; a file that cannot be read gives
     image=None and the reason in `error`, so one bad file does not stop the loader."""
 
-    def __init__(self, paths, keep_rgb=False):
-        self.paths, self.keep_rgb = paths, keep_rgb
+    def __init__(self, paths, transform, keep_rgb=False):
+        self.paths, self.transform, self.keep_rgb = paths, transform, keep_rgb
 
     def __len__(self):
         return len(self.paths)
@@ -235,41 +241,58 @@ class ImageFiles(Dataset):
             item["error"] = item["error"] or ("not a readable image" if os.path.isfile(path) else "no such file")
             return item
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        item["image"] = data.to_normalized_tensor(rgb)
+        item["image"] = self.transform(rgb)
         item["rgb"] = rgb if self.keep_rgb else None
         return item
 
 
-def write_outputs(files, mask, probs, rgb):
-    """Write each output through a temporary name, so an interrupted run never leaves a half-written file."""
-    os.makedirs(os.path.dirname(files["mask"]) or ".", exist_ok=True)
-    writers = {"mask": lambda tmp: data.save_palette_png(tmp, mask),
-               "overlay": lambda tmp: cv2.imwrite(tmp, cv2.cvtColor(
-                   inference.overlay(np.asarray(rgb), mask, data.VOC_PALETTE), cv2.COLOR_RGB2BGR)),
-               "probs": lambda tmp: np.save(tmp, probs.float().cpu().numpy())}
-    for kind, path in files.items():
-        stem, ext = os.path.splitext(path)
-        tmp = f"{stem}.tmp-{os.getpid()}{ext}"  # keep the extension: PIL and OpenCV choose the format by it
-        writers[kind](tmp)
-        os.replace(tmp, path)
-
-
-def update_jsonl(path, records):
-    """Merge `records` into predictions.jsonl by input path: earlier lines for other images stay, so the file
-    describes every mask in the folder. Written atomically; returns the number of lines."""
-    merged = {}
+def read_jsonl(path):
+    """{input path: record} of an existing predictions.jsonl; damaged lines describe nothing and are dropped."""
+    records = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    old = json.loads(line)
-                    merged[old["path"]] = old
+                    record = json.loads(line)
+                    records[record["path"]] = record
                 except (ValueError, KeyError, TypeError):
-                    continue  # a damaged line describes nothing we can keep
+                    continue
+    return records
+
+
+def update_jsonl(path, records):
+    """Merge `records` into predictions.jsonl by input path: earlier lines for other images stay, so the file
+    describes every prediction in the folder. Written atomically; returns the merged records in path order."""
+    merged = read_jsonl(path)
     merged.update((r["path"], r) for r in records)
-    utils.write_atomic(path, "".join(json.dumps(merged[key]) + "\n" for key in sorted(merged)))
-    return len(merged)
+    merged = [merged[key] for key in sorted(merged)]
+    utils.write_atomic(path, "".join(json.dumps(r) + "\n" for r in merged))
+    return merged
+
+
+def write_csv(path, records):
+    """predictions.csv: one row per record, nested values (top-k lists, class fractions) flattened to columns."""
+    rows = [flat_row(r) for r in records]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    out = csv.DictWriter(text, columns, lineterminator="\n")
+    out.writeheader()
+    out.writerows(rows)
+    utils.write_atomic(path, text.getvalue())
+
+
+def flat_row(record, prefix=""):
+    row = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            row.update(flat_row(value, f"{prefix}{key}_"))
+        elif isinstance(value, list):
+            for i, entry in enumerate(value, 1):
+                row.update(flat_row(entry, f"{prefix}{key}{i}_") if isinstance(entry, dict) else {f"{prefix}{key}{i}": entry})
+        else:
+            row[prefix + key] = value
+    return row
 
 
 if __name__ == "__main__":
-    utils.run_entry(main, get_args_parser())
+    run_entry(main, get_args_parser())

@@ -1,9 +1,12 @@
-"""Train a segmentation model: one process, or one of N under torchrun / torch.distributed.launch / srun / mpirun.
+"""Train a segmentation or classification model: one process, or one of N under torchrun /
+torch.distributed.launch / srun / mpirun.
 
-    python train.py                                   # small model on the built-in data, CPU or GPU
+    python train.py                                   # small segmentation model on the built-in scenes, CPU or GPU
+    python train.py --task classification             # ResNet-18 on the built-in digits
     python train.py --layers 50 --model_type res50_ASPP --dataset_path data/VOC2012
     torchrun --nproc_per_node=2 train.py --distributed
 """
+import functools
 import os
 import sys
 import time
@@ -11,43 +14,43 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import checkpoint
-import config
-import data
-import distributed
-import faults
 import models
-import recipe
-import scribble
-import synthetic
+import tasks
 import utils
-from engine import evaluate, show_progress, train_one_epoch, updates_per_epoch
-from inference import PredictOptions
-from losses import FOCAL_GAMMA, LOSSES, build_criterion
-from monitor import GpuMonitor, Recorder, add_monitor_args, gpu_memory_scalars, peak_memory, prediction_grid
-from optim import OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer, load_optimizer_state, lr_at
-from models.pretrained import load_pretrained
-from registry import add_plugin_arg, import_plugins
+from core import config, distributed
+from core.entry import run_entry
+from core.registry import add_plugin_arg, import_plugins
+from data.loaders import build_eval_loader, build_train_loader
+from engine import checkpoint, faults, recipe
+from engine.loop import show_progress, train_one_epoch, updates_per_epoch
+from engine.optim import (OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer,
+                          load_optimizer_state, lr_at)
+from engine.records import GpuMonitor, Recorder, add_monitor_args, gpu_memory_scalars, peak_memory
+from evaluation.evaluate import evaluate
+from evaluation.inference import PredictOptions
+from models.losses import FOCAL_GAMMA, LOSSES
+from tasks.base import headline, record_row, record_scalars
 
 
 def get_args_parser():
     p = config.make_parser(__doc__)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="voc", help="registered dataset name: " + ", ".join(data.DATASETS.names()))
+    g.add_argument("--dataset", default="voc",
+                   help="registered dataset name; segmentation: " + ", ".join(tasks.SegmentationTask.datasets.names())
+                        + "; classification: " + ", ".join(tasks.ClassificationTask.datasets.names()))
     g.add_argument("--dataset_path", default=None,
-                   help="VOC-layout folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/); "
-                        "default: the built-in synthetic data, generated on first use")
+                   help="segmentation: a VOC-layout folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/); "
+                        "classification: an image folder (root/<class>/<image>), train/ and val/ folders, or "
+                        "train.txt and val.txt lists; default: the task's built-in data, generated on first use")
     g.add_argument("--data_cache", default=os.environ.get("AILAB_DATA", os.path.expanduser("~/.cache/ailab")),
                    help="where the built-in data is generated (env AILAB_DATA)")
-    g.add_argument("--train_split", default="train", help="list file ImageSets/Segmentation/<split>.txt")
+    g.add_argument("--train_split", default="train", help="segmentation: list file ImageSets/Segmentation/<split>.txt; "
+                                                          "classification: the split's name")
     g.add_argument("--val_split", default="val")
-    g.add_argument("--crop_size", type=int, default=96, help="square training crop in pixels")
-    g.add_argument("--scale_range", type=float, nargs=2, default=[0.75, 1.5], metavar=("MIN", "MAX"),
-                   help="random rescale range for training images")
     g.add_argument("--hflip_prob", type=float, default=0.5)
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    tasks.add_task_args(p)
 
-    scribble.add_scribble_args(p)
     g = models.add_model_args(p)
     g.add_argument("--freeze_bn", action="store_true", help="keep batch-norm layers in eval mode while training")
 
@@ -86,6 +89,9 @@ def get_args_parser():
                    help="weighted sum of registered losses: " + ", ".join(LOSSES.names()))
     g.add_argument("--focal_gamma", type=float, default=FOCAL_GAMMA,
                    help="focusing exponent of the focal loss (0: cross-entropy)")
+    g.add_argument("--best_metric", default=None,
+                   help="the val metric that picks best.pth and drives early stopping (higher is better); "
+                        "default: the task's (segmentation miou, classification top1)")
 
     g = p.add_argument_group("run")
     g.add_argument("--logdir", default=None, help="default runs/<model>-<time>, or the --resume checkpoint's folder")
@@ -128,31 +134,26 @@ def main(args):
     log.info(f"batch {args.batchsize} per process × {ctx.world_size} = {args.batchsize * ctx.world_size} per step")
 
     # Data: the built-in set is generated once per machine by local rank 0 while the others wait.
-    root = synthetic.resolve_root(args.dataset_path, args.data_cache, ctx)
-    args.numclasses = args.numclasses or (21 if args.dataset_path else len(synthetic.SYNTHETIC_CLASSES))
-    build_dataset = data.DATASETS.get(args.dataset)
-    train_set = build_dataset(args, root, args.train_split, train=True)
-    val_set = build_dataset(args, root, args.val_split, train=False)
-    train_loader, train_sampler = data.build_train_loader(train_set, args.batchsize, args.workers,
-                                                          ctx.rank, ctx.world_size, args.seed)
-    val_loader = data.build_eval_loader(val_set, args.val_batchsize, args.workers, ctx.rank, ctx.world_size)
-    log.info(f"data {root}: {len(train_set)} train / {len(val_set)} val images, "
+    task = tasks.get_task(args.task)
+    root, class_names = task.prepare_data(args, ctx)
+    best_name = check_best_metric(args, task)
+    best_label = task.labels.get(best_name, best_name)
+    train_set, val_set = task.build_datasets(args, root)
+    train_loader, train_sampler = build_train_loader(train_set, args.batchsize, args.workers, ctx.rank,
+                                                     ctx.world_size, args.seed, collate_fn=task.train_collate(args))
+    val_loader = build_eval_loader(val_set, args.val_batchsize, args.workers, ctx.rank, ctx.world_size,
+                                   collate_fn=task.eval_collate)
+    log.info(f"{task.name} data {root}: {len(train_set)} train / {len(val_set)} val images, "
              f"{args.numclasses} classes; {len(train_loader)} steps per epoch")
 
     # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
     # Weights: a resumed checkpoint (below) wins over --pretrained, which wins over random init.
     recipe.setup_determinism(args.deterministic, ctx.device)
     utils.seed_everything(args.seed)
-    model = models.build_model(args)
-    if args.dataset in scribble.SCRIBBLE_MODES:
-        criterion = scribble.build_scribble_criterion(args, args.dataset, hasattr(model, "lorm"))
-    else:
-        criterion = build_criterion(args)
-    if hasattr(model, "lorm") and not getattr(criterion, "uses_lorm", False):
-        model.lorm.requires_grad_(False)  # unused here: DDP must not wait for its gradients
-        log.info("the model's LoRM is not trained in this run (it needs --l_lorm > 0 and pseudo labels)")
+    model = task.build_model(args)
+    criterion = task.build_criterion(args, model)
     if args.pretrained and ckpt is None:
-        log.info(load_pretrained(model, args.pretrained, args.strict_load))
+        log.info(task.load_pretrained(model, args.pretrained, args.strict_load))
     if args.freeze:
         tensors, elements = recipe.freeze(model, args.freeze)
         log.info(f"froze {tensors} parameter tensors ({elements / 1e6:.2f} M values) matching {' '.join(args.freeze)}")
@@ -177,7 +178,7 @@ def main(args):
         return lr_at(step, steps_per_epoch, args, lr)
 
     # Resume: weights, optimizer, scaler, EMA and counters; the position inside the epoch; each rank's RNG.
-    start_epoch, first_batch, step, best_miou, best_epoch, nan_skips = 0, 0, 0, -1.0, 0, 0
+    start_epoch, first_batch, step, best_score, best_epoch, nan_skips = 0, 0, 0, -1.0, 0, 0
     stopper = recipe.EarlyStopping(args.early_stop_patience, args.early_stop_min_delta)
     if ckpt is not None:
         model_without_ddp.load_state_dict(utils.unwrap_state_dict(ckpt["model"]))
@@ -190,11 +191,10 @@ def main(args):
             stopper.load_state_dict(ckpt["early_stop"])
         start_epoch, first_batch, step, exact = checkpoint.plan_resume(ckpt, resume_path, args, ctx,
                                                                        steps_per_epoch, args.resume_strict)
-        best_miou, best_epoch, nan_skips = ckpt["best_miou"], ckpt.get("best_epoch", 0), ckpt.get("nan_skips", 0)
+        best_score, best_epoch = ckpt.get("best_score", ckpt.get("best_miou")), ckpt.get("best_epoch", 0)
+        nan_skips = ckpt.get("nan_skips", 0)
         log.info(f"resumed from {resume_path}: epoch {start_epoch + 1}, batch {first_batch}, step {step}"
-                 f"{'' if exact else ' (approximate position)'}; best mIoU {best_miou:.4f}")
-
-    class_names = data.class_names(root, args.numclasses)
+                 f"{'' if exact else ' (approximate position)'}; best {best_label} {best_score:.4f}")
     config_text = config.to_toml(args, get_args_parser())
     log.info("resolved configuration:\n" + config_text.rstrip())
     if ctx.is_main:
@@ -213,7 +213,7 @@ def main(args):
         rng = checkpoint.gather_rng_states()
         state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": done_epoch, "resume_at": {"epoch": epoch, "batch": batch, "step": step},
-                 "best_miou": best_miou, "best_epoch": best_epoch, "val": val, "args": vars(args),
+                 "best_score": best_score, "best_metric": best_name, "best_epoch": best_epoch, "val": val, "args": vars(args),
                  "world_size": ctx.world_size, "class_names": class_names, "early_stop": stopper.state_dict(),
                  "nan_skips": guard.nan_skips, "rng": rng,
                  **({"scaler": amp.scaler.state_dict()} if amp.scaler.is_enabled() else {}),
@@ -236,31 +236,34 @@ def main(args):
             # Without SyncBN each rank's batch-norm statistics differ after its last step: every rank scores
             # rank 0's, the ones the checkpoint saves (DDP copies them again before the next training step).
             distributed.broadcast_tensors([*model_without_ddp.buffers(), *(ema.module.buffers() if ema else ())])
-            options = PredictOptions(amp_dtype=amp.dtype)
-            val = evaluate(model_without_ddp, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
-                           options=options, progress=show_progress(ctx, args))
+            predict = functools.partial(task.predict, options=PredictOptions(amp_dtype=amp.dtype))
+
+            def validate(net):
+                return evaluate(net, val_loader, task.new_metric(args.numclasses, ctx.device, args), predict,
+                                limit=args.limit_batches, progress=show_progress(ctx, args))
+
+            val = validate(model_without_ddp)
             if ema is not None:  # the EMA weights are the ones kept, so they pick best.pth and early stopping
-                val = {**evaluate(ema.module, val_loader, args.numclasses, ctx.device, limit=args.limit_batches,
-                                  options=options, progress=show_progress(ctx, args)), "raw_miou": val["miou"]}
-            improved = val["miou"] > best_miou
-            best_miou, best_epoch = (val["miou"], epoch + 1) if improved else (best_miou, best_epoch)
-            stop = distributed.broadcast_object(stopper.update(val["miou"], epoch + 1))  # every rank stops together
+                val = {**validate(ema.module), f"raw_{best_name}": val[best_name]}
+            improved = val[best_name] > best_score
+            best_score, best_epoch = (val[best_name], epoch + 1) if improved else (best_score, best_epoch)
+            stop = distributed.broadcast_object(stopper.update(val[best_name], epoch + 1))  # all ranks stop together
             rates.append(train["images_per_s"])
-            log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val mIoU {val['miou']:.4f}"
-                     + (f" (EMA; raw weights {val['raw_miou']:.4f})" if ema else "")
-                     + f", pixel acc {val['acc']:.4f}, {train['images_per_s']:.1f} img/s"
-                     + (" (best)" if improved else ""))
+            log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val "
+                     + headline(val, task.labels) + (" (EMA weights)" if ema else "")
+                     + f", {train['images_per_s']:.1f} img/s" + (" (best)" if improved else ""))
             record_epoch(recorder, epoch + 1, train, val, class_names)
             if ctx.is_main and args.vis_interval and (epoch + 1) % args.vis_interval == 0:
-                recorder.image("val/predictions", prediction_grid(ema.module if ema else model_without_ddp,
-                                                                   val_set, args.vis_images, ctx.device), epoch + 1)
+                recorder.image("val/predictions", task.prediction_grid(ema.module if ema else model_without_ddp,
+                                                                        val_set, args.vis_images, ctx.device,
+                                                                        class_names), epoch + 1)
             periodic = args.save_interval and (epoch + 1) % args.save_interval == 0
             save([checkpoint.LAST] + ([checkpoint.BEST] if improved else [])
                  + ([checkpoint.periodic_name(epoch + 1)] if periodic else []), epoch + 1, 0, step, epoch, val)
             if ctx.is_main and args.keep_last:
                 checkpoint.prune_periodic(args.logdir, args.keep_last)
             if stop:
-                log.info(stopper.reason() + f"; stopped after epoch {epoch + 1} of {args.epochs}")
+                log.info(stopper.reason(f"val {best_label}") + f"; stopped after epoch {epoch + 1} of {args.epochs}")
                 break
     except faults.Stop as stop:
         # A signal stops right after an update, a non-finite loss right before its group's update (the group
@@ -274,39 +277,42 @@ def main(args):
         distributed.cleanup_distributed()
         sys.exit(stop.exit_code)
     else:
-        recorder.close(hparams=vars(args), metrics={"hparams/best_miou": best_miou})
+        recorder.close(hparams=vars(args), metrics={f"hparams/best_{best_name}": best_score})
     finally:  # on every way out (a signal, a non-finite loss, an error) the records reach the disk
         guard.restore()
         gpu_monitor.stop()
         recorder.close()
 
     rss, gpu = peak_memory()
-    log.info(f"done in {time.time() - started:.0f} s: best val mIoU {best_miou:.4f} at epoch {best_epoch}"
-             + (f"; last epoch val mIoU {val['miou']:.4f}, pixel acc {val['acc']:.4f}" if rates else "")
+    log.info(f"done in {time.time() - started:.0f} s: best val {best_label} {best_score:.4f} at epoch {best_epoch}"
+             + (f"; last epoch val {headline(val, task.labels)}" if rates else "")
              + (f"; mean {sum(rates) / len(rates):.1f} img/s" if rates else "")
              + f"; peak memory {rss:.0f} MiB RSS" + (f", {gpu:.0f} MiB GPU" if gpu else "")
              + f"; checkpoints {os.path.join(args.logdir, 'best.pth')} and {os.path.join(args.logdir, 'last.pth')}")
     distributed.cleanup_distributed()
 
 
+def check_best_metric(args, task):
+    """The name of the metric that picks best.pth, checked against the task's metrics before any training."""
+    name = args.best_metric or task.primary
+    known = list(task.metric_names(args))
+    if name not in known:
+        raise utils.UserError(f"--best_metric {name!r} is not a {task.name} metric; expected one of {', '.join(known)}")
+    return name
+
+
 def record_epoch(recorder, epoch, train, val, class_names):
-    """One epoch's numbers to TensorBoard/W&B and a row of summary.csv."""
-    scalars = {"epoch/train_loss": train["loss"], **{f"epoch/train_loss_{k}": v for k, v in train["terms"].items()},
-               "epoch/lr": train["lr"], "epoch/images_per_s": train["images_per_s"],
-               "epoch/data_wait": train["data_wait"], "val/miou": val["miou"], "val/acc": val["acc"],
-               "val/mean_class_acc": val["mean_class_acc"], **({"val/raw_miou": val["raw_miou"]} if "raw_miou" in val else {}),
-               **{f"val/iou/{name}": iou for name, iou in zip(class_names, val["iou"]) if iou is not None},
-               **gpu_memory_scalars()}
-    recorder.scalars(scalars, epoch)
-    row = {"epoch": epoch, "lr": f"{train['lr']:.6g}", "train_loss": f"{train['loss']:.6f}",
-           **{f"train_loss_{k}": f"{v:.6f}" for k, v in train["terms"].items()},
-           "val_miou": f"{val['miou']:.6f}", "val_acc": f"{val['acc']:.6f}",
-           "val_mean_class_acc": f"{val['mean_class_acc']:.6f}",
-           **{f"val_iou_{name}": "" if iou is None else f"{iou:.6f}" for name, iou in zip(class_names, val["iou"])},
-           "epoch_time": f"{train['time']:.2f}", "images_per_s": f"{train['images_per_s']:.2f}",
-           "data_wait": f"{train['data_wait']:.3f}"}
-    recorder.epoch_row(row)
+    """One epoch's numbers to TensorBoard/W&B and a row of summary.csv, all derived from the metrics dict."""
+    recorder.scalars({"epoch/train_loss": train["loss"],
+                      **{f"epoch/train_loss_{k}": v for k, v in train["terms"].items()},
+                      "epoch/lr": train["lr"], "epoch/images_per_s": train["images_per_s"],
+                      "epoch/data_wait": train["data_wait"], **record_scalars(val, class_names),
+                      **gpu_memory_scalars()}, epoch)
+    recorder.epoch_row({"epoch": epoch, "lr": f"{train['lr']:.6g}", "train_loss": f"{train['loss']:.6f}",
+                        **{f"train_loss_{k}": f"{v:.6f}" for k, v in train["terms"].items()},
+                        **record_row(val, class_names), "epoch_time": f"{train['time']:.2f}",
+                        "images_per_s": f"{train['images_per_s']:.2f}", "data_wait": f"{train['data_wait']:.3f}"})
 
 
 if __name__ == "__main__":
-    utils.run_entry(main, get_args_parser(), saved_settings=checkpoint.saved_settings)
+    run_entry(main, get_args_parser(), saved_settings=checkpoint.saved_settings, task_defaults=tasks.task_defaults)

@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import torch
 
+IGNORE_INDEX = 255  # a label value that means "not labelled": no loss, no metric
+
 
 class RunError(Exception):
     """A reason to stop that the user reads as one line, without a traceback; the process exits with exit_code."""
@@ -53,30 +55,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def run_entry(main, parser, argv=None, saved_settings=None):
-    """Parse flags (config file, --set, command line) and run `main(args)`.
-
-    A RunError (UserError: exit code 2) becomes one line on stderr and its exit code.
-    """
-    import config  # both import this module (UserError)
-    import distributed
-    try:
-        args = config.parse_args(parser, argv, saved_settings)
-        if args.print_config:
-            print(config.to_toml(args, parser), end="")
-            return
-        main(args)
-    except RunError as e:
-        rank = os.environ.get("RANK")
-        tag = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{tag}error: {e}", file=sys.stderr, flush=True)
-        distributed.cleanup_distributed()
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
 
 
 def first_line(error):
@@ -159,7 +137,7 @@ def unwrap_state_dict(state):
     return out
 
 
-MODEL_KEYS = ("model_type", "layers", "numclasses", "output_stride", "head_channels")
+MODEL_KEYS = ("task", "model_type", "layers", "numclasses", "output_stride", "head_channels", "stem")
 
 
 def check_compatible(ckpt, args, path):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import register_model
+from models.registry import register_model
 from models.backbone import ResNetBackbone, check_backbone_args
 from utils import UserError
 

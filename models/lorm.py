@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics import IGNORE_INDEX
-from models import register_model
+from utils import IGNORE_INDEX
+from models.registry import register_model
 from models.deeplab import SegmentationModel, build_deeplabv2, build_deeplabv3p
 from utils import UserError
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import register_model
+from models.registry import register_model
 from models.backbone import ResNetBackbone
 from models.deeplab import SegmentationModel, _check_positive, conv_bn_relu
 from utils import UserError

@@ -14,11 +14,11 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine  # noqa: E402
-import faults  # noqa: E402
-import recipe  # noqa: E402
-import distributed  # noqa: E402
-from monitor import Recorder  # noqa: E402
+from engine import loop as engine  # noqa: E402
+from engine import faults  # noqa: E402
+from engine import recipe  # noqa: E402
+from core import distributed  # noqa: E402
+from engine.records import Recorder  # noqa: E402
 
 
 def epoch_with_accum(accum, ctx):

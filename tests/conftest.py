@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import synthetic
+from data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough that a whole run takes seconds on 2 CPU cores.

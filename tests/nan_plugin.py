@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from losses import cross_entropy, register_loss
+from models.losses import cross_entropy, register_loss
 
 _calls = [0]
 

@@ -4,7 +4,7 @@ then wait in the next collective. Used with --plugin tests/stall_plugin.py --los
 import os
 import time
 
-from losses import cross_entropy, register_loss
+from models.losses import cross_entropy, register_loss
 
 _calls = [0]
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, run
-from data import save_palette_png
+from data.readers import save_palette_png
 
 
 def first_id(root, split="train"):

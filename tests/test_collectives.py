@@ -1,4 +1,4 @@
-"""Collectives that work on every backend: only distributed.py calls torch.distributed, every tensor it hands over
+"""Collectives that work on every backend: only core/distributed.py calls torch.distributed, every tensor it hands over
 is on the device the group's backend requires (NCCL: this process's GPU; gloo: the CPU), and launchers are told
 apart in the right order, with real processes."""
 import ast
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import distributed
+from core import distributed
 from conftest import ROOT, TINY, free_port, run, torchrun
 from utils import UserError
 
@@ -46,7 +46,7 @@ def test_only_distributed_py_touches_torch_distributed():
             lines = uses_torch_distributed(ast.parse(f.read(), path))
         if lines:
             found[os.path.relpath(path, ROOT)] = lines
-    assert list(found) == ["distributed.py"], found
+    assert list(found) == ["core/distributed.py"], found
 
 
 def misplaced(records):
@@ -54,7 +54,7 @@ def misplaced(records):
     bad = []
     for r in records:
         need = f"cuda:{r['local_rank']}" if r["backend"] == "nccl" else "cpu"
-        if r["caller"] != "distributed.py" or any(d != need for d in r["devices"]):
+        if r["caller"] != "core/distributed.py" or any(d != need for d in r["devices"]):
             bad.append(r)
     return bad
 
@@ -63,9 +63,9 @@ def test_the_check_catches_a_cpu_tensor_under_nccl_and_a_call_from_elsewhere():
     # what faults.Guard.agree did before: a CPU flag tensor in an NCCL group, called from faults.py
     assert misplaced([{"op": "all_reduce", "caller": "faults.py", "backend": "nccl", "local_rank": 0,
                        "devices": ["cpu"]}])
-    assert misplaced([{"op": "all_reduce", "caller": "distributed.py", "backend": "nccl", "local_rank": 1,
+    assert misplaced([{"op": "all_reduce", "caller": "core/distributed.py", "backend": "nccl", "local_rank": 1,
                        "devices": ["cuda:0"]}])
-    assert not misplaced([{"op": "all_reduce", "caller": "distributed.py", "backend": "nccl", "local_rank": 1,
+    assert not misplaced([{"op": "all_reduce", "caller": "core/distributed.py", "backend": "nccl", "local_rank": 1,
                            "devices": ["cuda:1"]}])
 
 

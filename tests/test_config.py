@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-import config
+from core import config
 import train
 from conftest import ROOT, TINY, run, torchrun
 from utils import UserError
@@ -109,7 +109,7 @@ def test_print_config_is_toml_of_the_resolved_flags(tmp_path):
     proc = run(["train.py", "--config", path, "--lr", "0.3", "--print_config"])
     printed = tomllib.loads(proc.stdout)
     assert printed["optimisation"]["lr"] == 0.3 and printed["model"]["layers"] == 34
-    assert printed["data"]["scale_range"] == [1.0, 1.25]
+    assert printed["segmentation"]["scale_range"] == [1.0, 1.25]
     assert "print_config" not in proc.stdout and not re.search(r"^(config|set) =", proc.stdout, re.M)
 
 
@@ -137,7 +137,7 @@ def test_checkpoint_supplies_model_flags_and_refuses_contradictions(tmp_path, tr
     assert proc.returncode == 2 and "--numclasses 5" in proc.stderr
 
 
-SHIPPED = ["ddp_example.toml", "ddp_segmentation.toml", "ddp_large_model.toml", "quick_test.yaml", "quick_test.json",
+SHIPPED = ["seg_example.toml", "ddp_segmentation.toml", "ddp_large_model.toml", "quick_test.yaml", "quick_test.json",
            "scribble_res50_lorm.toml", "scribble_quick.toml"]
 
 
@@ -158,7 +158,7 @@ def test_shipped_config_parses_and_runs_a_step(tmp_path, tiny_data, name):
 
 
 def test_quick_test_config_runs_under_torchrun(tmp_path, tiny_data):
-    proc = torchrun(2, ["train.py", "--config", "configs/ddp_quick_test.toml", "--dataset_path", tiny_data,
+    proc = torchrun(2, ["train.py", "--config", "configs/seg_quick_test.toml", "--dataset_path", tiny_data,
                         "--numclasses", "5", "--logdir", str(tmp_path / "run")])
     assert "2 process(es)" in proc.stdout and "[2/2]" in proc.stdout
     assert os.path.exists(tmp_path / "run" / "last.pth")

@@ -9,9 +9,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE, EvalTransform, SegmentationDataset, ShardSampler,
-                  TrainTransform, build_eval_loader, build_train_loader, check_dataset, read_label, save_palette_png)
-from synthetic import SYNTHETIC_CLASSES, ensure_builtin_dataset, make_synthetic_voc
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+
+from data.readers import VOC_PALETTE, read_label, save_palette_png
+
+from data.voc import SegmentationDataset, check_dataset
+
+from data.loaders import ShardSampler, build_eval_loader, build_train_loader
+from data.synthetic import SYNTHETIC_CLASSES, ensure_builtin_dataset, make_synthetic_voc
 from utils import UserError
 
 NUMCLASSES = len(SYNTHETIC_CLASSES)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run
-from data import read_label, save_palette_png
-from scribble import distance_maps
+from data.readers import read_label, save_palette_png
+from data.distance_maps import distance_maps
 
 TOOL = os.path.join("tools", "make_distance_maps.py")
 

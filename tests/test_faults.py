@@ -266,7 +266,7 @@ def test_port_in_use_is_one_clear_line(tmp_path):
 
 def test_first_ctrl_c_asks_to_stop_and_the_second_quits_at_once():
     from argparse import Namespace
-    import faults
+    from engine import faults
     guard = faults.Guard(Namespace(nan_policy="stop", max_nan_skips=0))
     try:
         os.kill(os.getpid(), signal.SIGINT)

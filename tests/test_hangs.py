@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.data import Dataset
 
-import data
+from data.loaders import build_eval_loader
 from conftest import TINY, run, torchrun
 
 RUNS = 10
@@ -37,7 +37,7 @@ class NeedsTheLock(Dataset):
 
 
 def test_a_lock_held_by_another_thread_does_not_reach_the_workers():
-    loader = data.build_eval_loader(NeedsTheLock(), 1, 2, 0, 1)
+    loader = build_eval_loader(NeedsTheLock(), 1, 2, 0, 1)
     loader.timeout = 60  # a worker stuck on the lock would make the loader raise instead of waiting forever
     started, release = threading.Event(), threading.Event()
 
@@ -61,7 +61,8 @@ def test_a_lock_held_by_another_thread_does_not_reach_the_workers():
 
 PLUGIN = '''
 import numpy as np
-from data import EvalTransform, SegmentationDataset, TrainTransform, register_dataset
+from data.transforms import EvalTransform, TrainTransform
+from data.voc import SegmentationDataset, register_dataset
 
 
 class Mirror:  # a plugin's own transform class, pickled by reference to module ailab_plugin_mirror_voc

@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import export
-import inference
-import models
+import tasks
 from conftest import run
-from inference import PredictOptions, predict_probs
+from evaluation import export, inference
+from evaluation.inference import PredictOptions, predict_probs
 from utils import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +218,7 @@ def test_export_round_trip(tmp_path, trained, fmt):
     proc = run(["infer.py", "--checkpoint", ckpt, "--export", fmt, "--export_path", str(path)])
     assert "dynamic batch, height and width" in proc.stdout
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
-    model, _, _ = models.load_from_checkpoint(ckpt)
+    _, model, _, _ = tasks.load_from_checkpoint(ckpt)
     exported = export.load_exported(fmt, str(path))
     for shape in [(1, 3, 64, 64), (2, 3, 45, 77)]:  # another batch and spatial size than the export's
         x = torch.randn(*shape)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import losses
-from losses import LOSSES, build_criterion, loss_specs_from_tables
+from models import losses as losses
+from core.config import loss_specs_from_tables
+from models.losses import LOSSES, build_criterion
 from utils import UserError
 
 NAMES = ["ce", "bce", "dice", "focal", "lovasz"]

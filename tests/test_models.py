@@ -7,7 +7,7 @@ import torchvision
 
 from models import MODELS, build_model
 from models.backbone import ResNetBackbone
-from optim import param_groups
+from engine.optim import param_groups
 from utils import UserError
 
 HEADS = ["res50_ASPP", "deeplabv3", "deeplabv3p"]

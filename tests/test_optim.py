@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import models
 import train
-from optim import build_optimizer, load_optimizer_state, lr_at, param_groups, set_lr
+from engine.optim import build_optimizer, load_optimizer_state, lr_at, param_groups, set_lr
 from utils import UserError
 
 STEPS = 10   # steps per epoch in the schedule tests; --epochs 10 makes 100 steps in all

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torchvision
 
-import distributed
-import engine
-import faults
-import recipe
+from core import distributed
+from engine import loop as engine
+from engine import faults
+from engine import recipe
 import utils
 from conftest import TINY, run, torchrun
 from models import build_model
 from models.pretrained import load_pretrained
-from monitor import Recorder
+from engine.records import Recorder
 
 
 def tiny_net():

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import scribble
-from data import read_label
-from scribble import (SCRIBBLE_MODES, ScribbleCriterion, add_scribble_args, distance_maps, mode_folders, mode_weights,
-                      partial_ce, pseudo_ce, weighted_entropy)
-from synthetic import ensure_builtin_dataset, make_synthetic_voc
+from data.distance_maps import DEFAULT_LAMBDA_C, DEFAULT_LAMBDA_S, distance_maps
+from data.readers import read_label
+from data.synthetic import ensure_builtin_dataset, make_synthetic_voc
+from tasks.scribble import (SCRIBBLE_MODES, ScribbleCriterion, add_scribble_args, mode_folders, mode_weights, partial_ce,
+                            pseudo_ce, weighted_entropy)
 from utils import UserError
 
 
@@ -262,7 +262,7 @@ def test_builtin_scribble_maps_are_deterministic_and_plausible(two_generations):
         differ += (p[both] != label[both]).sum()
         dist_s, dist_c = (cv2.imread(os.path.join(a, f, name), cv2.IMREAD_UNCHANGED)
                           for f in ("distancemap_s", "distancemap_c"))
-        expected = distance_maps(s, p, scribble.DEFAULT_LAMBDA_S, scribble.DEFAULT_LAMBDA_C)
+        expected = distance_maps(s, p, DEFAULT_LAMBDA_S, DEFAULT_LAMBDA_C)
         assert dist_s.shape == dist_c.shape == (64, 64) and dist_s.dtype == np.uint8
         assert (dist_s == expected[0]).all() and (dist_c == expected[1]).all()
     assert differ > 0 and np.mean(agree) > 0.85  # CAM-like: wrong in places, right on most pixels

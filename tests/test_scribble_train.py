@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
+from data.transforms import TrainTransform
 from conftest import TINY, run, torchrun
-from scribble import SCRIBBLE_MODES
+from tasks.scribble import SCRIBBLE_MODES
 
 # The loss terms each mode trains with a LoRM model (--l_lorm needs pseudo labels).
 TERMS = {"ScribbleOnly": ["segs"], "PseudoOnly": ["pesudo", "lorm"], "ScribblePseudo": ["segs", "pesudo", "lorm"],
@@ -62,7 +62,7 @@ def test_maps_share_the_geometry_and_pad_by_kind():
     np.random.seed(0)
     image = np.random.randint(0, 255, (10, 12, 3), np.uint8)
     pattern = (np.arange(120).reshape(10, 12) % 200 + 1).astype(np.uint8)  # no 0 and no 255 inside the image
-    transform = data.TrainTransform(16, scale_range=(1.0, 1.0), hflip_prob=0.5, weight_maps=("dist_s",))
+    transform = TrainTransform(16, scale_range=(1.0, 1.0), hflip_prob=0.5, weight_maps=("dist_s",))
     for _ in range(6):  # random crop offsets and flips
         _, maps = transform(image, {"scribble": pattern, "dist_s": pattern})
         scribble, dist = maps["scribble"], maps["dist_s"]

@@ -89,7 +89,7 @@ def test_two_processes_train_like_one_with_double_batch(tmp_path):
 
     Frozen batch norm, no augmentation and no ignore pixels make the two exactly comparable, so any
     difference means the ranks did not train together."""
-    import synthetic
+    from data import synthetic
     root = str(tmp_path / "plain")
     synthetic.make_synthetic_voc(root, n_train=16, n_val=3, size=64, seed=2, ignore_width=0)
     common = ["--layers", "18", "--crop_size", "64", "--scale_range", "1", "1", "--hflip_prob", "0",

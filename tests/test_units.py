@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import distributed
+from core import distributed
 import utils
-from losses import cross_entropy
-from metrics import ConfusionMatrix
-from optim import lr_at
+from models.losses import cross_entropy
+from evaluation.metrics import ConfusionMatrix
+from engine.optim import lr_at
 
 
 def test_confusion_matrix_against_hand_count():

@@ -485,7 +485,7 @@ def misplaced_collectives(folder):
         return "no collective was recorded"
     for r in records:
         need = f"cuda:{r['local_rank']}" if r["backend"] == "nccl" else "cpu"
-        if r["caller"] != "distributed.py" or any(d != need for d in r["devices"]):
+        if r["caller"] != "core/distributed.py" or any(d != need for d in r["devices"]):
             return f"collective {r['op']} from {r['caller']} on {r['devices']} under {r['backend']} (expected {need})"
     return None
 

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 
-from data import read_label  # noqa: E402
-from scribble import DEFAULT_FOLDERS, DEFAULT_LAMBDA_C, DEFAULT_LAMBDA_S, distance_maps  # noqa: E402
+from data.readers import read_label  # noqa: E402
+from data.distance_maps import DEFAULT_FOLDERS, DEFAULT_LAMBDA_C, DEFAULT_LAMBDA_S, distance_maps  # noqa: E402
 from utils import UserError, write_atomic  # noqa: E402
 
 

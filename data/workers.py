@@ -1,5 +1,5 @@
 """Loader worker processes: how they start, how a dataset reaches them, how they are seeded, and the DataLoader
-that ties these together (data.py's loaders and infer.py's use it)."""
+that ties these together (data/loaders.py's and infer.py's use it)."""
 import multiprocessing
 import random
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from registry import import_plugins, imported_plugins
+from core.registry import import_plugins, imported_plugins
 
 
 # Loader workers are forks of a fork server, never of the process that owns the loader. By the time a loader

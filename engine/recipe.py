@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from inference import resolve_amp
 from utils import UserError, first_line
 
 log = logging.getLogger("ailab")
@@ -88,6 +87,20 @@ class Amp:
             return "float32"
         return f"autocast {str(self.dtype).replace('torch.', '')}" + (
             " with a GradScaler" if self.scaler.is_enabled() else " (no loss scaling needed)")
+
+
+def resolve_amp(args, device):
+    """The autocast dtype for --amp on `device`, or None; an unsupported float16 falls back with a warning."""
+    if not args.amp:
+        return None
+    device = torch.device(device)
+    if args.amp_dtype == "float16" and device.type != "cuda":
+        log.warning(f"--amp_dtype float16 needs CUDA, this runs on {device.type}; using bfloat16 instead")
+        return torch.bfloat16
+    if args.amp_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("--amp_dtype bfloat16 is not supported by this GPU; running in float32")
+        return None
+    return torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
 
 
 def setup_amp(args, device):

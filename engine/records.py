@@ -11,11 +11,7 @@ import resource
 import socket
 import threading
 
-import cv2
-import numpy as np
 import torch
-
-import data
 
 log = logging.getLogger("ailab")
 
@@ -113,25 +109,6 @@ def start_wandb(args):
         return None
     return wandb.init(project=args.wandb_project, mode=args.wandb_mode, dir=args.logdir,
                       config={k: v for k, v in vars(args).items()}, name=os.path.basename(args.logdir))
-
-
-@torch.no_grad()
-def prediction_grid(model, dataset, count, device):
-    """Rows of image | ground truth | prediction for the first `count` samples, as one uint8 HxWx3 picture."""
-    model.eval()
-    rows = []
-    mean = np.array(data.IMAGENET_MEAN) * 255
-    std = np.array(data.IMAGENET_STD) * 255
-    for index in range(min(count, len(dataset))):
-        image, label = dataset[index]
-        pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()
-        picture = np.clip(image.numpy().transpose(1, 2, 0) * std + mean, 0, 255).astype(np.uint8)
-        rows.append(np.concatenate([picture, data.VOC_PALETTE[label.numpy().astype(np.uint8)],
-                                    data.VOC_PALETTE[pred.astype(np.uint8)]], axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [cv2.copyMakeBorder(r, 0, 2, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(255, 255, 255))
-            for r in rows]
-    return np.concatenate(rows, axis=0)
 
 
 def gpu_memory_scalars():

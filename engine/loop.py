@@ -1,4 +1,4 @@
-"""The two loops every entry script shares: one training epoch, and evaluation over sharded data."""
+"""One training epoch, the same for every task, world size and recipe."""
 import contextlib
 import itertools
 import logging
@@ -8,10 +8,8 @@ import time
 import torch
 from tqdm import tqdm
 
-import inference
-from metrics import ConfusionMatrix
-from optim import set_lr
-from distributed import all_reduce_sum
+from core.distributed import all_reduce_sum
+from engine.optim import set_lr
 
 log = logging.getLogger("ailab")
 
@@ -142,32 +140,3 @@ def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx
     elapsed = time.perf_counter() - start
     return {"loss": means[0], "terms": dict(zip(terms, means[1:])), "lr": lr_fn(step - 1),
             "time": elapsed, "images_per_s": seen * ctx.world_size / elapsed, "data_wait": data_wait / elapsed}, step
-
-
-def predict(model, image, options=None):
-    """Class probabilities for a batch at the input's size; `options` (inference.PredictOptions) adds
-    scales, flips and sliding windows. Plain single-scale prediction without them."""
-    return inference.predict_probs(model, image, options)
-
-
-@torch.no_grad()
-def evaluate(model, loader, numclasses, device, on_prediction=None, limit=None, options=None, progress=False):
-    """Confusion-matrix metrics over a ShardSampler loader, summed over all ranks.
-
-    `on_prediction(index, pred, image)` is called for each image with its dataset index, predicted mask
-    (numpy) and input tensor (CPU). Predictions are compared with the labels at the labels' own size.
-    """
-    model.eval()
-    cm = ConfusionMatrix(numclasses, device)
-    order = iter(loader.sampler)
-    total = min(len(loader), limit or len(loader))
-    batches = tqdm(itertools.islice(loader, limit), total=total, desc="val", file=sys.stdout, dynamic_ncols=True,
-                   leave=False, disable=not progress)
-    for image, target in batches:
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        pred = predict(model, image, options).argmax(1)
-        cm.update(target, pred)
-        if on_prediction is not None:
-            for p, im in zip(pred, image):
-                on_prediction(next(order), p.cpu().numpy(), im.cpu())
-    return cm.reduce().compute()

@@ -8,10 +8,11 @@ import socket
 import cv2
 import numpy as np
 
-from data import IGNORE_INDEX, _read_list, _sample_paths, save_palette_png
-from distributed import barrier
-from scribble import DEFAULT_FOLDERS, DEFAULT_LAMBDA_C, DEFAULT_LAMBDA_S, distance_maps
-from utils import UserError
+from core.distributed import barrier
+from data.distance_maps import DEFAULT_FOLDERS, DEFAULT_LAMBDA_C, DEFAULT_LAMBDA_S, distance_maps
+from data.readers import save_palette_png
+from data.voc import _read_list, _sample_paths
+from utils import IGNORE_INDEX, UserError
 
 # Built-in synthetic data. Each object class has its own shape AND its own texture, while all
 # colours are random, so a colour threshold cannot solve it. Bump SYNTHETIC_VERSION when the

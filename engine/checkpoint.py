@@ -14,8 +14,8 @@ import re
 import numpy as np
 import torch
 
-from config import NOT_SAVED
-from distributed import broadcast_object, gather_objects
+from core.config import NOT_SAVED
+from core.distributed import broadcast_object, gather_objects
 from utils import UserError, check_compatible, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("ailab")

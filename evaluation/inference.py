@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.recipe import resolve_amp
 from utils import UserError
 
 log = logging.getLogger("ailab")
@@ -27,6 +28,13 @@ class PredictOptions:
     crop_size: int = 512               # window side for sliding
     stride_rate: float = 2 / 3         # window step as a fraction of crop_size
     amp_dtype: Optional[torch.dtype] = None
+
+    def as_dict(self):
+        """The settings as plain values, for metrics.json."""
+        return {"scales": list(self.scales), "base_size": self.base_size, "flip": self.flip, "sliding": self.sliding,
+                "crop_size": self.crop_size if self.sliding else None,
+                "stride_rate": self.stride_rate if self.sliding else None,
+                "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None}
 
     def describe(self):
         parts = [f"scales {' '.join(f'{s:g}' for s in self.scales)}"
@@ -71,20 +79,6 @@ def options_from_args(args, device, default_crop=512):
     return PredictOptions(scales=tuple(args.scales), base_size=args.base_size, flip=args.flip,
                           sliding=args.sliding, crop_size=args.crop_size or default_crop,
                           stride_rate=args.stride_rate, amp_dtype=resolve_amp(args, device))
-
-
-def resolve_amp(args, device):
-    """The autocast dtype for --amp on `device`, or None; an unsupported float16 falls back with a warning."""
-    if not args.amp:
-        return None
-    device = torch.device(device)
-    if args.amp_dtype == "float16" and device.type != "cuda":
-        log.warning(f"--amp_dtype float16 needs CUDA, this runs on {device.type}; using bfloat16 instead")
-        return torch.bfloat16
-    if args.amp_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("--amp_dtype bfloat16 is not supported by this GPU; running in float32")
-        return None
-    return torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------

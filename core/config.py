@@ -13,8 +13,7 @@ import tomllib
 import tomli_w
 import yaml
 
-from losses import loss_specs_from_tables
-from registry import suggest
+from core.registry import suggest
 from utils import UserError, write_atomic
 
 # Flags that steer the parsing itself, or name this process, and so never come from or go to a file.
@@ -56,11 +55,12 @@ def flag_actions(parser):
     return actions
 
 
-def parse_args(parser, argv=None, saved_settings=None):
+def parse_args(parser, argv=None, saved_settings=None, task_defaults=None):
     """argparse with config-file and --set defaults; explicit flags always win.
 
-    `saved_settings(args)`, given the first parse, may return a dict of settings (a resumed checkpoint's) that
-    then replace the built-in defaults; files, --set and the command line still win over them.
+    Two hooks may add layers of defaults, each given the args parsed so far: `task_defaults(args)` returns the
+    chosen task's defaults (they replace the built-in ones), and `saved_settings(args)` a resumed checkpoint's
+    settings (they replace both). Files, --set and the command line win over all of them.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -85,10 +85,17 @@ def parse_args(parser, argv=None, saved_settings=None):
         actions[key].required = False  # a file may supply what the command line must otherwise give
     parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    dests = {a.dest for a in parser._actions}
     saved = saved_settings(args) if saved_settings else None
-    if saved:
-        dests = {a.dest for a in parser._actions}
-        parser.set_defaults(**{k: v for k, v in saved.items() if k in dests and k not in NOT_SAVED})
+    saved = {k: v for k, v in (saved or {}).items() if k in dests and k not in NOT_SAVED}
+    if saved:  # a resumed run: its task and settings are the checkpoint's unless given again
+        parser.set_defaults(**saved)
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    layer = task_defaults(args) if task_defaults else None
+    if layer:
+        parser.set_defaults(**layer)
+        parser.set_defaults(**saved)
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     return args
@@ -125,7 +132,7 @@ def flatten(table, actions, path, prefix=""):
     for key, value in table.items():
         where = prefix + str(key)
         name = str(key).replace("-", "_")
-        if name in actions:
+        if name in actions and not isinstance(value, dict):  # a table may share a flag's name ([task] task = ...)
             found = {actions[name].dest: (value, where)}  # an alias counts as its flag
         elif name == "criterion" and "loss" in actions and isinstance(value, list):
             # [[criterion]] tables (type = NAME, weight = W) spell the --loss list the way other trainers do
@@ -186,6 +193,27 @@ def convert_one(action, value, name):
     if action.choices is not None and out not in action.choices:
         raise UserError(f"{name}: {out!r} is not one of {', '.join(map(str, action.choices))}")
     return out
+
+
+def loss_specs_from_tables(tables, where):
+    """A config file's `[[criterion]]` list, [{"type": "dice", "weight": 0.5}, ...], as --loss specs ["dice:0.5"].
+
+    `where` names the key and file for error messages, e.g. "'criterion' in my_run.toml".
+    """
+    expected = "expected [[criterion]] tables with type = NAME and optionally weight = NUMBER"
+    if not isinstance(tables, list) or not tables:
+        raise UserError(f"{where}: {tables!r} is not a list of tables; {expected}")
+    specs = []
+    for i, table in enumerate(tables, 1):
+        if not isinstance(table, dict) or set(table) - {"type", "weight"}:
+            raise UserError(f"{where}, entry {i}: {table!r} has other keys than type and weight; {expected}")
+        name, weight = table.get("type"), table.get("weight", 1.0)
+        if not isinstance(name, str) or not name or ":" in name:
+            raise UserError(f"{where}, entry {i}: type {name!r} is not a loss name; {expected}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise UserError(f"{where}, entry {i}: weight {weight!r} is not a number; {expected}")
+        specs.append(f"{name}:{float(weight)!r}")
+    return specs
 
 
 def to_toml(args, parser):

@@ -1,4 +1,5 @@
-"""Scribble supervision: the targets (distance maps) and the losses of the scribble-supervised method.
+"""Scribble supervision: the training modes, their flags and datasets, and the losses of the scribble-supervised
+method (the distance maps themselves: data/distance_maps.py).
 
 Annotators draw a few strokes per object and some on the background; every other pixel is IGNORE_INDEX. Training
 combines, each with its own weight flag:
@@ -10,41 +11,25 @@ combines, each with its own weight flag:
 Minimising the weighted entropy makes predictions confident where the weight is high. "pesudo" is the established
 spelling of these flags and of the term's name; --pseudo_path and --l_pseudo are accepted as aliases.
 
-Like losses.py, every loss leaves out IGNORE_INDEX (and zero-weight) pixels entirely, and a batch with nothing to
+Like models/losses.py, every loss leaves out IGNORE_INDEX (and zero-weight) pixels entirely, and a batch with nothing to
 learn from gives exactly 0 with a zero, finite gradient, never NaN.
 """
 import logging
 import math
 
-import cv2
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-import losses  # as a module, so that losses.py may import this one without a cycle at import time
-from metrics import IGNORE_INDEX
+from data.distance_maps import DEFAULT_FOLDERS, DEFAULT_LAMBDA_C, DEFAULT_LAMBDA_S, VOC_LAMBDA_C, VOC_LAMBDA_S
+from data.transforms import TrainTransform
+from data.voc import SegmentationDataset, build_voc, register_dataset
+from models import losses
 from utils import UserError
 
 log = logging.getLogger("ailab")
 
-# Distance maps fall off linearly with the Euclidean pixel distance d, at sqrt(lambda) grey levels per pixel:
-# dist_s reaches 0 at d = 255 / sqrt(lambda_s) from the nearest scribble and dist_c reaches 255 at
-# d = 255 / sqrt(lambda_c) from the nearest pseudo-label boundary. The defaults suit the built-in data (64-160 px,
-# 128 by default): dist_s fades out 32 px from a scribble (a quarter of a 128 px side, at least the half-width of
-# its objects, so a scribbled object is covered), and dist_c is full 16 px from a boundary (well past the
-# few pixels by which its pseudo labels are wrong). Both distances scale with the image, so lambda scales with
-# 1/side^2: for PASCAL VOC (~500x375) use --lambda_s 4 (fades out at 128 px) and --lambda_c 16 (full at 64 px).
-DEFAULT_LAMBDA_S = 64.0
-DEFAULT_LAMBDA_C = 256.0
-VOC_LAMBDA_S = 4.0
-VOC_LAMBDA_C = 16.0
 DEFAULT_LABEL_SMOOTH = 0.1
-# Where the maps live under --dataset_path by default (the flag defaults; the built-in data is written this way).
-DEFAULT_FOLDERS = {"train_path": "scribble", "pesudo_path": "pseudo", "distancemap_s": "distancemap_s",
-                   "distancemap_c": "distancemap_c"}
-
 # The maps each training mode loads: target key -> the args attribute that names its folder under --dataset_path,
 # or FULL_MASKS for the dataset's own full labels (SegmentationClass/). "Full" trains the scribble term on the full
 # masks: the fully supervised upper bound of the same recipe.
@@ -75,63 +60,6 @@ TERMS = {
     "ds": ("--l_ds", "dist_s", "scribble distance maps (--distancemap_s)"),
     "dc": ("--l_dc", "dist_c", "boundary distance maps (--distancemap_c)"),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Distance maps
-
-def _check_lambda(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise UserError(f"--{name} {value!r} is not valid; expected a finite number >= 0")
-    return math.sqrt(value)
-
-
-def _distance_to(sources):
-    """Euclidean distance of every pixel to the nearest True pixel of `sources` (which must have one)."""
-    return cv2.distanceTransform((~sources).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-
-
-def pseudo_boundary(pseudo):
-    """Boolean HxW: pixels with a 4-neighbour of another pseudo label, and every IGNORE_INDEX pixel.
-
-    Ignore regions count as boundary because a pseudo label is uncertain there: dist_c is then 0 on them and grows
-    only with the distance from both class edges and uncertain regions. The image border is not a boundary.
-    """
-    edge = pseudo == IGNORE_INDEX
-    vertical = pseudo[1:, :] != pseudo[:-1, :]
-    horizontal = pseudo[:, 1:] != pseudo[:, :-1]
-    edge[1:, :] |= vertical
-    edge[:-1, :] |= vertical
-    edge[:, 1:] |= horizontal
-    edge[:, :-1] |= horizontal
-    return edge
-
-
-def distance_maps(scribble, pseudo, lambda_s=DEFAULT_LAMBDA_S, lambda_c=DEFAULT_LAMBDA_C):
-    """(dist_s, dist_c), uint8 HxW, from an HxW scribble label and pseudo label (IGNORE_INDEX = none/uncertain).
-
-    dist_s = 255 - min(255, sqrt(lambda_s) d), d the distance to the nearest scribble pixel (any label != 255);
-    dist_c = min(255, sqrt(lambda_c) d), d the distance to the nearest pseudo_boundary() pixel.
-    Values are rounded to the nearest integer. The edge cases are the limits of the formulas for d -> infinity:
-    no scribble pixel at all gives dist_s = 0 everywhere (no weight), and a pseudo label without any boundary
-    (one label everywhere, no ignore) gives dist_c = 255 everywhere. An all-ignore pseudo label gives dist_c = 0.
-    """
-    scribble, pseudo = np.asarray(scribble), np.asarray(pseudo)
-    if scribble.ndim != 2 or scribble.shape != pseudo.shape:
-        raise UserError(f"distance maps: scribble {scribble.shape} and pseudo label {pseudo.shape} must be HxW "
-                        "arrays of the same size")
-    root_s, root_c = _check_lambda("lambda_s", lambda_s), _check_lambda("lambda_c", lambda_c)
-    labelled = scribble != IGNORE_INDEX
-    if labelled.any():
-        dist_s = 255 - np.rint(np.minimum(255.0, root_s * _distance_to(labelled)))
-    else:
-        dist_s = np.zeros(scribble.shape)
-    boundary = pseudo_boundary(pseudo)
-    if boundary.any():
-        dist_c = np.rint(np.minimum(255.0, root_c * _distance_to(boundary)))
-    else:
-        dist_c = np.full(pseudo.shape, 255.0)
-    return dist_s.astype(np.uint8), dist_c.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,12 +235,12 @@ WEIGHT_MAPS = ("dist_s", "dist_c")
 def scribble_dataset_builder(mode):
     def build(args, root, split, train):
         if not train:
-            return data.build_voc(args, root, split, train=False)
-        transform = data.TrainTransform(args.crop_size, args.scale_range, args.hflip_prob, weight_maps=WEIGHT_MAPS)
-        return data.SegmentationDataset(root, split, transform, args.numclasses, check_contents=True,
+            return build_voc(args, root, split, train=False)
+        transform = TrainTransform(args.crop_size, args.scale_range, args.hflip_prob, weight_maps=WEIGHT_MAPS)
+        return SegmentationDataset(root, split, transform, args.numclasses, check_contents=True,
                                         maps=mode_folders(args, mode), weight_maps=WEIGHT_MAPS)
     return build
 
 
 for _mode in SCRIBBLE_MODES:
-    data.register_dataset(_mode)(scribble_dataset_builder(_mode))
+    register_dataset(_mode)(scribble_dataset_builder(_mode))

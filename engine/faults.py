@@ -10,7 +10,7 @@ import signal
 
 import torch
 
-from distributed import all_reduce_sum
+from core.distributed import all_reduce_sum
 
 log = logging.getLogger("ailab")
 

@@ -10,9 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics import IGNORE_INDEX
-from registry import Registry
-from utils import UserError
+from core.registry import Registry
+from utils import IGNORE_INDEX, UserError
 
 LOSSES = Registry("loss")
 register_loss = LOSSES.register
@@ -40,14 +39,31 @@ def mean_over_present(per_class, counts):
 
 @register_loss("ce")
 def build_cross_entropy(args):
-    return cross_entropy
+    """--label_smoothing and --class_weights (classification flags; segmentation runs have neither)."""
+    smoothing = getattr(args, "label_smoothing", 0.0) or 0.0
+    weights = getattr(args, "class_weights", None)
+    if not 0 <= smoothing < 1:
+        raise UserError(f"--label_smoothing {smoothing!r}: expected a number in [0, 1)")
+    if weights is not None and (min(weights) < 0 or not all(map(math.isfinite, weights)) or sum(weights) <= 0):
+        raise UserError(f"--class_weights {' '.join(map(str, weights))}: expected finite weights >= 0, not all 0")
+    if not smoothing and weights is None:
+        return cross_entropy
+    return functools.partial(cross_entropy, label_smoothing=smoothing,
+                             weight=None if weights is None else torch.tensor(weights, dtype=torch.float32))
 
 
-def cross_entropy(logits, target):
-    """Mean cross-entropy over labelled pixels; 0 (not NaN) for a batch that is all ignore."""
-    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (target != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
+def cross_entropy(logits, target, label_smoothing=0.0, weight=None):
+    """Mean cross-entropy over labelled pixels (or samples); 0 (not NaN) for a batch that is all ignore.
+
+    With class weights the mean is over the weights of the labelled targets, as torch's "mean" reduction does.
+    """
+    if weight is not None:
+        weight = weight.to(logits.device)
+    total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum",
+                            label_smoothing=label_smoothing)
+    labelled = target[target != IGNORE_INDEX]
+    count = labelled.numel() if weight is None else weight[labelled].sum()
+    return total / max(count, 1e-12) if weight is not None else total / max(count, 1)
 
 
 @register_loss("bce")
@@ -136,27 +152,6 @@ def parse_loss_spec(spec):
         return name, float(weight) if weight else 1.0
     except ValueError:
         raise UserError(f"--loss {spec}: weight '{weight}' is not a number; expected NAME or NAME:WEIGHT") from None
-
-
-def loss_specs_from_tables(tables, where):
-    """A config file's `[[criterion]]` list, [{"type": "dice", "weight": 0.5}, ...], as --loss specs ["dice:0.5"].
-
-    `where` names the key and file for error messages, e.g. "'criterion' in my_run.toml".
-    """
-    expected = "expected [[criterion]] tables with type = NAME and optionally weight = NUMBER"
-    if not isinstance(tables, list) or not tables:
-        raise UserError(f"{where}: {tables!r} is not a list of tables; {expected}")
-    specs = []
-    for i, table in enumerate(tables, 1):
-        if not isinstance(table, dict) or set(table) - {"type", "weight"}:
-            raise UserError(f"{where}, entry {i}: {table!r} has other keys than type and weight; {expected}")
-        name, weight = table.get("type"), table.get("weight", 1.0)
-        if not isinstance(name, str) or not name or ":" in name:
-            raise UserError(f"{where}, entry {i}: type {name!r} is not a loss name; {expected}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise UserError(f"{where}, entry {i}: weight {weight!r} is not a number; {expected}")
-        specs.append(f"{name}:{float(weight)!r}")
-    return specs
 
 
 def build_criterion(args):

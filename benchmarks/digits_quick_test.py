@@ -1,0 +1,64 @@
+"""Time the classification quick test (seed 002's "MNIST quick test": ResNet-18 on the built-in digits, two
+processes) and read its val top-1, over several seeds.
+
+    python benchmarks/digits_quick_test.py --seeds 0 1 2
+    python benchmarks/digits_quick_test.py --nproc 1 --extra --epochs 3      # other settings, same measurement
+
+The digits are written to a fresh cache once before the timed runs (that first write is timed and printed on its
+own), so each run's wall time is what a user waits for from `torchrun` to its exit. Prints every run, then the mean,
+the spread (min-max) and the median.
+"""
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMAND = ["-m", "torch.distributed.run", "--master_addr=127.0.0.1", "--master_port={port}",
+           "train.py", "--config", "configs/ddp_quick_test.toml"]
+
+
+def one_run(nproc, seed, cache, workdir, port, extra):
+    env = {**os.environ, "AILAB_DATA": cache}
+    logdir = os.path.join(workdir, f"seed{seed}")
+    cmd = [sys.executable, COMMAND[0], COMMAND[1], f"--nproc_per_node={nproc}",
+           *[c.format(port=port) for c in COMMAND[2:]], "--seed", str(seed), "--logdir", logdir, *extra]
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(logdir, "summary.csv")) as f:
+        top1 = [float(row["val_top1"]) for row in csv.DictReader(f)]
+    return seconds, max(top1), top1[-1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--port", type=int, default=29613)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags (put last)")
+    args = p.parse_args()
+    sys.path.insert(0, ROOT)
+    from data import digits
+    with tempfile.TemporaryDirectory() as workdir:
+        cache = os.path.join(workdir, "cache")
+        start = time.perf_counter()
+        digits.ensure_digits(cache)
+        print(f"writing the digits once: {time.perf_counter() - start:.1f} s", flush=True)
+        results = []
+        for seed in args.seeds:
+            seconds, best, last = one_run(args.nproc, seed, cache, workdir, args.port, args.extra)
+            results.append((seconds, best, last))
+            print(f"seed {seed}: {seconds:.1f} s wall, best val top-1 {best:.4f}, last {last:.4f}", flush=True)
+    for name, column in (("wall s", 0), ("best val top-1", 1), ("last val top-1", 2)):
+        values = [r[column] for r in results]
+        print(f"{name}: mean {statistics.mean(values):.4f}, min {min(values):.4f}, max {max(values):.4f}, "
+              f"median {statistics.median(values):.4f} over {len(values)} seeds")
+
+
+if __name__ == "__main__":
+    main()

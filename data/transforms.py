@@ -1,0 +1,79 @@
+"""Joint image+label transforms for segmentation, with OpenCV and numpy."""
+import cv2
+import numpy as np
+import torch
+
+from data.readers import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------------------------------------
+# Joint transforms: numpy (image RGB uint8 HxWx3, label uint8 HxW) -> (float 3xHxW, int64 HxW) tensors.
+
+def _normalize_coefficients(mean, std):
+    std = np.asarray(std, np.float32)
+    return 1.0 / (255.0 * std), -np.asarray(mean, np.float32) / std
+
+
+def to_normalized_tensor(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """RGB uint8 HxWx3 -> float32 tensor 3xHxW, (x / 255 - mean) / std."""
+    scale, shift = _normalize_coefficients(mean, std)
+    return torch.from_numpy(np.ascontiguousarray((image.astype(np.float32) * scale + shift).transpose(2, 0, 1)))
+
+
+class TrainTransform:
+    """Random scale, pad (image with the mean colour, label with 255), random crop, horizontal flip, normalise.
+
+    Randomness comes from numpy's global np.random, which worker_init_fn seeds per loader worker.
+    """
+
+    def __init__(self, crop_size, scale_range=(0.5, 2.0), hflip_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 weight_maps=()):
+        self.crop_h, self.crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.scale_range, self.hflip_prob = tuple(scale_range), hflip_prob
+        self.weight_maps = tuple(weight_maps)
+        self.scale, self.shift = _normalize_coefficients(mean, std)
+
+    def __call__(self, image, label):
+        """label: uint8 HxW, or a dict of such maps that all get the same geometry. A map named in
+        the constructor's `weight_maps` is a weight: bilinear resizing, padded with 0 (no
+        weight) and is returned as uint8; every other map is a label: nearest resizing, padded with 255."""
+        maps = label if isinstance(label, dict) else {"label": label}
+        weights = self.weight_maps
+        scale = np.random.uniform(*self.scale_range)
+        h, w = next(iter(maps.values())).shape
+        if scale != 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+            # NEAREST_EXACT samples at pixel centres like INTER_LINEAR; plain NEAREST is off by half a pixel
+            maps = {key: cv2.resize(m, size, interpolation=cv2.INTER_LINEAR if key in weights
+                                    else cv2.INTER_NEAREST_EXACT) for key, m in maps.items()}
+            h, w = size[1], size[0]
+        # The crop window may stick out of a small image; sticking out is padding, on a random side.
+        y0 = np.random.randint(min(0, h - self.crop_h), max(0, h - self.crop_h) + 1)
+        x0 = np.random.randint(min(0, w - self.crop_w), max(0, w - self.crop_w) + 1)
+        sy, sx = slice(max(y0, 0), min(y0 + self.crop_h, h)), slice(max(x0, 0), min(x0 + self.crop_w, w))
+        dy, dx = slice(sy.start - y0, sy.stop - y0), slice(sx.start - x0, sx.stop - x0)
+        out_image = np.zeros((self.crop_h, self.crop_w, 3), np.float32)     # 0 is the mean after normalising
+        out_image[dy, dx] = image[sy, sx].astype(np.float32) * self.scale + self.shift
+        out = {}
+        for key, m in maps.items():
+            out[key] = np.full((self.crop_h, self.crop_w), 0 if key in weights else IGNORE_INDEX, np.uint8)
+            out[key][dy, dx] = m[sy, sx]
+        if np.random.random() < self.hflip_prob:
+            out_image, out = out_image[:, ::-1], {key: m[:, ::-1] for key, m in out.items()}
+        tensors = {key: torch.from_numpy(np.ascontiguousarray(m) if key in weights else m.astype(np.int64))
+                   for key, m in out.items()}
+        return (torch.from_numpy(np.ascontiguousarray(out_image.transpose(2, 0, 1))),
+                tensors if isinstance(label, dict) else tensors["label"])
+
+
+class EvalTransform:
+    """Normalise only, at the original size."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean, self.std = mean, std
+
+    def __call__(self, image, label):
+        return to_normalized_tensor(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64))

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, multi-scale/flip/sliding prediction, reports and export."""
