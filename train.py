@@ -22,7 +22,7 @@ from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
 from data.loaders import build_eval_loader, build_train_loader
 from engine import checkpoint, faults, recipe
-from engine.loop import show_progress, train_one_epoch, updates_per_epoch
+from engine.loop import Run, show_progress, train_one_epoch, updates_per_epoch
 from engine.optim import (OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer,
                           load_optimizer_state, lr_at)
 from engine.records import GpuMonitor, Recorder, add_monitor_args, gpu_memory_scalars, peak_memory
@@ -169,7 +169,7 @@ def main(args):
     amp = recipe.setup_amp(args, ctx.device)
     optimizer = build_optimizer(args, model_without_ddp, lr)
     log.info(describe_optimizer(optimizer))
-    log.info(f"model {models.describe_model(model_without_ddp, args)}; {amp.describe()}"
+    log.info(f"model {task.describe_model(model_without_ddp, args)}; {amp.describe()}"
              + (f"; EMA decay {args.ema_decay:g}" if ema else ""))
     steps_per_epoch = updates_per_epoch(min(len(train_loader), args.limit_batches or len(train_loader)),
                                         args.accum_steps)
@@ -226,12 +226,12 @@ def main(args):
         if args.recovery_interval and step % args.recovery_interval == 0:
             save([checkpoint.RECOVERY], epoch, batches_done, step, epoch - 1)
 
+    run = Run(model, criterion, optimizer, amp, guard, recorder, ctx, args, lr_fn, on_update)
     rates, val = [], None
     try:
         for epoch in range(start_epoch, args.epochs):
             train_sampler.set_epoch(epoch, first_batch)
-            train, step = train_one_epoch(model, criterion, optimizer, train_loader, lr_fn, epoch, step, ctx,
-                                          args, recorder, amp, guard, first_batch, on_update)
+            train, step = train_one_epoch(run, train_loader, epoch, step, first_batch)
             first_batch = 0
             # Without SyncBN each rank's batch-norm statistics differ after its last step: every rank scores
             # rank 0's, the ones the checkpoint saves (DDP copies them again before the next training step).

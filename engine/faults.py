@@ -38,7 +38,8 @@ class Guard:
 
     def __init__(self, args, nan_skips=0, handle_signals=True):
         self.policy, self.max_skips, self.nan_skips = args.nan_policy, args.max_nan_skips, nan_skips
-        self.signal = None
+        self.signal, self.stop_pending = None, False
+        self.buffers, self.snapshot = [], []
         self.previous = {}
         for signum in EXIT_CODES if handle_signals else ():
             self.previous[signum] = signal.signal(signum, self.handle)
@@ -58,6 +59,26 @@ class Guard:
         flags = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0, 0.0 if self.signal is None else 1.0])
         all_reduce_sum(flags)
         return flags[0].item() > 0, flags[1].item() > 0
+
+    def begin_group(self, buffers):
+        """Remember the buffers (batch-norm statistics) before a group's forward passes, to undo a dropped group."""
+        self.buffers, self.snapshot = buffers, [b.detach().clone() for b in buffers]
+
+    def check(self, value, terms, lr, epoch, batch, step):
+        """After each forward pass, on every rank: True when the group must be dropped (some rank's loss is not
+        finite and --nan_policy skip allows it; its batch-norm statistics are rolled back). Raises Stop when the
+        run must end instead. A stop signal on any rank is remembered in `stop_pending` for the next update."""
+        non_finite, stop = self.agree(value)
+        self.stop_pending = self.stop_pending or stop
+        if not non_finite:
+            return False
+        with torch.no_grad():
+            for b, saved in zip(self.buffers, self.snapshot):
+                b.copy_(saved)
+        problem = self.non_finite(value, terms, lr, epoch, batch, step)
+        if problem is not None:
+            raise problem  # the state is exactly the one after the last good update
+        return True
 
     def stop_for_signal(self, epoch, batch, step):
         name = self.signal.name if self.signal is not None else "a stop signal on another rank"

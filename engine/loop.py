@@ -4,6 +4,8 @@ import itertools
 import logging
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -49,59 +51,68 @@ def forward_loss(model, criterion, image, target):
     return criterion(model(image), target)
 
 
-def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx, args, recorder, amp, guard,
-                    first_batch=0, on_update=None):
+@dataclass
+class Run:
+    """What every epoch of one training run shares; train.py builds it once.
+
+    `lr_fn(step)` is the LR of an optimizer step; `on_update(step, batches_done)` runs after every update (EMA,
+    recovery checkpoints); `guard` (faults.Guard) makes every rank agree on stop signals and non-finite losses.
+    """
+    model: torch.nn.Module
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    amp: object
+    guard: object
+    recorder: object
+    ctx: object
+    args: object
+    lr_fn: Callable
+    on_update: Optional[Callable] = None
+
+
+def train_one_epoch(run, loader, epoch, step, first_batch=0):
     """Train one epoch, from batch `first_batch` when resuming mid-epoch; returns (metrics averaged over all
     ranks, global step after the epoch).
 
     `step` counts optimizer updates, so with --accum_steps K the LR schedule advances once per K batches.
     Each group of K batches (the last one may be shorter) sums the gradients of loss / group size, which
     equals one batch K times larger; DDP all-reduces only on the batch that completes a group (no_sync()).
-    `on_update(step, batches_done)` runs after every optimizer update (EMA, recovery checkpoints).
-    `guard` (faults.Guard) makes every rank agree on stop signals (acted on after the group's update) and on
-    non-finite losses (the group is dropped, batch-norm statistics included).
+    A stop signal is acted on after the group's update; a non-finite loss drops the group (run.guard).
     """
+    model, optimizer, amp, guard, ctx, args = run.model, run.optimizer, run.amp, run.guard, run.ctx, run.args
     set_train_mode(model, args.freeze_bn)
     n = min(first_batch + len(loader), args.limit_batches or first_batch + len(loader))
-    accum = args.accum_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(total=n, initial=first_batch, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
                dynamic_ncols=True, leave=False, disable=not show_progress(ctx, args))
-    sums, smoothed, seen, data_wait, skip_group, stop_pending = None, None, 0, 0.0, False, False
+    progress = Progress(ctx.world_size)
     buffers = list(model.buffers())
-    terms, lr = {}, lr_fn(step)
-    start = ready = time.perf_counter()
+    terms, lr, skip_group = {}, run.lr_fn(step), False
     optimizer.zero_grad(set_to_none=True)
     for i, (image, target) in enumerate(itertools.islice(loader, max(0, n - first_batch)), start=first_batch):
-        data_wait += time.perf_counter() - ready
+        progress.data_ready()
         image = image.to(ctx.device, non_blocking=True,
                          memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         target = to_device(target, ctx.device)
-        group_start = i - i % accum
-        group_size = min(accum, n - group_start)
-        updates = (i + 1) % accum == 0 or i + 1 == n
-        if i == group_start:
-            lr = lr_fn(step)
+        group_start = i - i % args.accum_steps
+        group_size = min(args.accum_steps, n - group_start)
+        updates = (i + 1) % args.accum_steps == 0 or i + 1 == n
+        if i == group_start:  # a new group of accumulated batches: its LR, and what to undo if it is dropped
+            lr = run.lr_fn(step)
             set_lr(optimizer, lr)
-            # Forward passes change batch-norm statistics; a group that is dropped must not leave its trace.
-            snapshot = [b.detach().clone() for b in buffers]
+            guard.begin_group(buffers)
+        # forward, backward
         with contextlib.nullcontext() if updates or not hasattr(model, "no_sync") else model.no_sync():
             with amp.autocast():
-                loss, terms = forward_loss(model, criterion, image, target)
+                loss, terms = forward_loss(model, run.criterion, image, target)
             value = loss.item()
-            non_finite, stop = guard.agree(value)
-            stop_pending = stop_pending or stop
-            if non_finite:
-                with torch.no_grad():
-                    for b, saved in zip(buffers, snapshot):
-                        b.copy_(saved)
-                problem = guard.non_finite(value, terms, lr, epoch, group_start, step)
-                if problem is not None:
-                    raise problem  # the state is exactly the one after the last good update
+            dropped = guard.check(value, terms, lr, epoch, group_start, step)
+            if dropped:
                 skip_group = True
                 optimizer.zero_grad(set_to_none=True)  # drop the group's gradients on every rank
             elif not skip_group:
                 amp.scaler.scale(loss / group_size).backward()
+        # step
         if updates:
             if not skip_group:
                 if args.clip_grad_norm:
@@ -111,32 +122,66 @@ def train_one_epoch(model, criterion, optimizer, loader, lr_fn, epoch, step, ctx
                 amp.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step, skip_group = step + 1, False
-            if on_update is not None:
-                on_update(step, i + 1)
-            if stop_pending:  # a step boundary: every rank stops here, with this update applied
+            if run.on_update is not None:
+                run.on_update(step, i + 1)
+            if guard.stop_pending:  # a step boundary: every rank stops here, with this update applied
                 raise guard.stop_for_signal(epoch, i + 1, step)
-        seen += image.shape[0]
-        if not non_finite:
-            values = torch.tensor([value, *terms.values(), 1.0], dtype=torch.float64)
-            sums = values if sums is None else sums + values
-            smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
-        ready = time.perf_counter()
-        rate, wait = seen * ctx.world_size / (ready - start), data_wait / (ready - start)
-        bar.set_postfix_str(f"loss {smoothed or 0:.4f} lr {lr:.2e} {rate:.1f} img/s data {wait:.0%}", refresh=False)
+        # log
+        progress.add(image.shape[0], None if dropped else (value, terms))
+        bar.set_postfix_str(progress.postfix(lr), refresh=False)
         bar.update()
-        if args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == n) and not non_finite:
-            if bar.disable:
-                log.info(f"epoch {epoch + 1}/{args.epochs} [{i + 1}/{n}] loss {smoothed:.4f} lr {lr:.5f} "
-                         f"{rate:.1f} img/s data wait {wait:.0%}")
-            record = {"train/loss": value, **{f"train/loss_{name}": float(v) for name, v in terms.items()},
-                      "train/lr": lr, "train/images_per_s": rate, "train/data_wait": wait}
-            recorder.scalars(record, step)
-            recorder.event({"epoch": epoch + 1, "step": step, "time": time.time(), **record})
+        if args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == n) and not dropped:
+            log_step(run, progress, bar, epoch, i + 1, n, step, value, terms, lr)
     bar.close()
-    if sums is None:  # nothing left of this epoch (resumed at its end), or every update skipped
-        sums = torch.zeros(len(terms) + 2, dtype=torch.float64)
-    all_reduce_sum(sums)
-    means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
-    elapsed = time.perf_counter() - start
-    return {"loss": means[0], "terms": dict(zip(terms, means[1:])), "lr": lr_fn(step - 1),
-            "time": elapsed, "images_per_s": seen * ctx.world_size / elapsed, "data_wait": data_wait / elapsed}, step
+    return progress.summary(terms, run.lr_fn(step - 1)), step
+
+
+class Progress:
+    """Running numbers of an epoch: loss sums for the epoch means, a smoothed loss, images/s and data wait."""
+
+    def __init__(self, world_size):
+        self.world_size, self.sums, self.smoothed, self.seen, self.data_wait = world_size, None, None, 0, 0.0
+        self.start = self.ready = time.perf_counter()
+
+    def data_ready(self):
+        self.data_wait += time.perf_counter() - self.ready
+
+    def add(self, batch_size, loss):
+        """Count a batch; `loss` is (value, terms), or None for a batch whose loss was not finite."""
+        self.seen += batch_size
+        if loss is not None:
+            value, terms = loss
+            values = torch.tensor([value, *terms.values(), 1.0], dtype=torch.float64)
+            self.sums = values if self.sums is None else self.sums + values
+            self.smoothed = value if self.smoothed is None else 0.9 * self.smoothed + 0.1 * value
+        self.ready = time.perf_counter()
+
+    def rate(self):
+        """(images/s over all ranks, fraction of the time spent waiting for data)."""
+        elapsed = self.ready - self.start
+        return self.seen * self.world_size / elapsed, self.data_wait / elapsed
+
+    def postfix(self, lr):
+        rate, wait = self.rate()
+        return f"loss {self.smoothed or 0:.4f} lr {lr:.2e} {rate:.1f} img/s data {wait:.0%}"
+
+    def summary(self, terms, lr):
+        """The epoch's means over all ranks (a collective call)."""
+        sums = self.sums if self.sums is not None else torch.zeros(len(terms) + 2, dtype=torch.float64)
+        all_reduce_sum(sums)  # nothing left of the epoch (resumed at its end) or every update skipped: zeros
+        means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+        elapsed = time.perf_counter() - self.start
+        return {"loss": means[0], "terms": dict(zip(terms, means[1:])), "lr": lr, "time": elapsed,
+                "images_per_s": self.seen * self.world_size / elapsed, "data_wait": self.data_wait / elapsed}
+
+
+def log_step(run, progress, bar, epoch, done, n, step, value, terms, lr):
+    """A log line (without a progress bar) and the step's records."""
+    rate, wait = progress.rate()
+    if bar.disable:
+        log.info(f"epoch {epoch + 1}/{run.args.epochs} [{done}/{n}] loss {progress.smoothed:.4f} lr {lr:.5f} "
+                 f"{rate:.1f} img/s data wait {wait:.0%}")
+    record = {"train/loss": value, **{f"train/loss_{name}": float(v) for name, v in terms.items()},
+              "train/lr": lr, "train/images_per_s": rate, "train/data_wait": wait}
+    run.recorder.scalars(record, step)
+    run.recorder.event({"epoch": epoch + 1, "step": step, "time": time.time(), **record})

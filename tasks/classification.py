@@ -125,6 +125,15 @@ class ClassificationTask:
         return classifiers.build_classifier(arch, args.numclasses, args.layers, args.stem, args.image_size)
 
     @staticmethod
+    def describe_model(model, args):
+        arch = args.model_type if args.model_type in CLASSIFIERS else classifiers.resolve_arch(args.model_type,
+                                                                                                args.layers)
+        small = arch in classifiers.classifier_names() and classifiers.uses_small_stem(arch, args.stem,
+                                                                                       args.image_size)
+        return (f"{arch}{' (small-input stem)' if small else ''}, {args.image_size} px input: "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+
+    @staticmethod
     def load_pretrained(model, path, strict):
         """What fits from a local torchvision state dict; a classifier of another shape stays as initialised."""
         return classifiers.load_classifier_weights(model, path, strict)

@@ -63,6 +63,10 @@ class SegmentationTask:
         return models.build_model(args)
 
     @staticmethod
+    def describe_model(model, args):
+        return models.describe_model(model, args)
+
+    @staticmethod
     def load_pretrained(model, path, strict):
         return load_pretrained(model, path, strict)
 

@@ -43,9 +43,9 @@ def epoch_with_accum(accum, ctx):
         loss = torch.nn.functional.cross_entropy(logits, target)
         return loss, {"ce": loss.detach()}
 
-    _, steps = engine.train_one_epoch(model, criterion, optimizer, batches, lambda step: 0.1, 0, 0, ctx, args,
-                                      Recorder(args, distributed.Dist(rank=1), ""), recipe.Amp(),
-                                      faults.Guard(args, handle_signals=False))
+    run = engine.Run(model, criterion, optimizer, recipe.Amp(), faults.Guard(args, handle_signals=False),
+                     Recorder(args, distributed.Dist(rank=1), ""), ctx, args, lambda step: 0.1)
+    _, steps = engine.train_one_epoch(run, batches, 0, 0)
     checksum = sum(float(p.double().sum()) for p in model.parameters())
     return {"allreduce_calls": calls[0], "updates": steps, "checksum": checksum}
 

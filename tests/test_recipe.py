@@ -35,9 +35,9 @@ def train_epoch(model, batches, accum=1, clip=None, amp=None, lr=0.05, momentum=
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, **optim)
     args = Namespace(accum_steps=accum, limit_batches=None, clip_grad_norm=clip, channels_last=False, epochs=1,
                      freeze_bn=False, log_interval=0, no_progress=True, nan_policy="stop", max_nan_skips=0)
-    _, steps = engine.train_one_epoch(model, mse, optimizer, batches, lambda step: lr, 0, 0, distributed.Dist(), args,
-                                      Recorder(args, distributed.Dist(rank=1), ""), amp or recipe.Amp(),
-                                      faults.Guard(args, handle_signals=False))
+    run = engine.Run(model, mse, optimizer, amp or recipe.Amp(), faults.Guard(args, handle_signals=False),
+                     Recorder(args, distributed.Dist(rank=1), ""), distributed.Dist(), args, lambda step: lr)
+    _, steps = engine.train_one_epoch(run, batches, 0, 0)
     return model, steps
 
 
