@@ -2,7 +2,8 @@
 processes) and read its val top-1, over several seeds.
 
     python benchmarks/digits_quick_test.py --seeds 0 1 2
-    python benchmarks/digits_quick_test.py --nproc 1 --extra --epochs 3      # other settings, same measurement
+    python benchmarks/digits_quick_test.py --default       # `python train.py --task classification` instead
+    python benchmarks/digits_quick_test.py --extra --epochs 4                # other settings, same measurement
 
 The digits are written to a fresh cache once before the timed runs (that first write is timed and printed on its
 own), so each run's wall time is what a user waits for from `torchrun` to its exit. Prints every run, then the mean,
@@ -18,15 +19,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMAND = ["-m", "torch.distributed.run", "--master_addr=127.0.0.1", "--master_port={port}",
-           "train.py", "--config", "configs/ddp_quick_test.toml"]
+QUICK_TEST = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port={port}",
+              "train.py", "--config", "configs/ddp_quick_test.toml"]
+DEFAULT = ["train.py", "--task", "classification"]
 
 
-def one_run(nproc, seed, cache, workdir, port, extra):
+def one_run(command, seed, cache, workdir, port, extra):
     env = {**os.environ, "AILAB_DATA": cache}
     logdir = os.path.join(workdir, f"seed{seed}")
-    cmd = [sys.executable, COMMAND[0], COMMAND[1], f"--nproc_per_node={nproc}",
-           *[c.format(port=port) for c in COMMAND[2:]], "--seed", str(seed), "--logdir", logdir, *extra]
+    cmd = [sys.executable, *[c.format(port=port) for c in command], "--seed", str(seed), "--logdir", logdir, *extra]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
@@ -38,7 +39,7 @@ def one_run(nproc, seed, cache, workdir, port, extra):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--default", action="store_true", help="time the one-process default command instead")
     p.add_argument("--port", type=int, default=29613)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags (put last)")
     args = p.parse_args()
@@ -51,7 +52,8 @@ def main():
         print(f"writing the digits once: {time.perf_counter() - start:.1f} s", flush=True)
         results = []
         for seed in args.seeds:
-            seconds, best, last = one_run(args.nproc, seed, cache, workdir, args.port, args.extra)
+            command = DEFAULT if args.default else QUICK_TEST
+            seconds, best, last = one_run(command, seed, cache, workdir, args.port, args.extra)
             results.append((seconds, best, last))
             print(f"seed {seed}: {seconds:.1f} s wall, best val top-1 {best:.4f}, last {last:.4f}", flush=True)
     for name, column in (("wall s", 0), ("best val top-1", 1), ("last val top-1", 2)):

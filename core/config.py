@@ -217,9 +217,12 @@ def loss_specs_from_tables(tables, where):
 
 
 def to_toml(args, parser):
-    """The resolved flags as TOML, one table per --help group; unset (None) flags are left out."""
+    """The resolved flags as TOML, one table per --help group; unset (None) flags and the groups of the tasks this
+    run does not do (a group tagged with `.task`) are left out."""
     tables = {}
     for group in parser._action_groups:
+        if getattr(group, "task", None) not in (None, getattr(args, "task", None)):
+            continue  # another task's own flags: they do nothing in this run
         table = {}
         for action in group._group_actions:
             value = getattr(args, action.dest, None)

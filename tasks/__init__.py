@@ -27,7 +27,8 @@ def add_task_args(parser):
                    help="what to train; flags the task does not use are ignored, and the task sets the defaults "
                         "that differ (model, epochs, LR, ...) unless a flag or config file gives them")
     for task in TASKS.values():
-        task.add_train_args(parser)
+        for group in task.add_train_args(parser):
+            group.task = task.name  # config.to_toml leaves out the flags of the tasks a run does not do
 
 
 def task_defaults(args):

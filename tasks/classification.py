@@ -39,9 +39,9 @@ class ClassificationTask:
     eval_collate = None
     # Defaults that suit the built-in digits on a CPU (like segmentation's suit its built-in scenes), here for the
     # flags both tasks share; configs/ddp_example.toml is the template for ImageNet-like data on GPUs.
-    defaults = {"model_type": "resnet", "dataset": "folder", "epochs": 3, "batchsize": 64, "val_batchsize": 64,
+    defaults = {"model_type": "resnet", "dataset": "folder", "epochs": 4, "batchsize": 64, "val_batchsize": 64,
                 "lr": 0.04, "lr_scheduler": "cosine", "weight_decay": 5e-4, "warmup_epochs": 0.5, "hflip_prob": 0.0,
-                "vis_images": 16, "workers": 1}
+                "vis_images": 16, "workers": 1, "label_smoothing": 0.1}
 
     def __init__(self):
         self.splits = None
@@ -79,13 +79,14 @@ class ClassificationTask:
                        help="ResNet stem: small is a 3x3 stride-1 conv without max-pool for 8-64 px inputs; "
                             "auto picks it for ResNets at --image_size <= 64")
         g.add_argument("--topk", type=int, default=5, help="top-k accuracy (capped at the number of classes)")
-        g.add_argument("--label_smoothing", type=float, default=0.1, help="cross-entropy label smoothing in [0, 1)")
+        g.add_argument("--label_smoothing", type=float, default=0.0, help="cross-entropy label smoothing in [0, 1)")
         g.add_argument("--class_weights", type=float, nargs="+", default=None, metavar="W",
                        help="cross-entropy weight of each class (one per class)")
         g.add_argument("--mixup_prob", type=float, default=0.0, help="chance that a batch is mixed with Mixup")
         g.add_argument("--cutmix_prob", type=float, default=0.0, help="chance that a batch is mixed with CutMix")
         g.add_argument("--mixup_alpha", type=float, default=0.2, help="Beta(a, a) of the Mixup weight")
         g.add_argument("--cutmix_alpha", type=float, default=1.0, help="Beta(a, a) of the CutMix area")
+        return [g]
 
     # -- data -------------------------------------------------------------------------------------
     def prepare_data(self, args, ctx):

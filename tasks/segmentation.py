@@ -43,7 +43,7 @@ class SegmentationTask:
         g.add_argument("--crop_size", type=int, default=96, help="square training crop in pixels")
         g.add_argument("--scale_range", type=float, nargs=2, default=[0.75, 1.5], metavar=("MIN", "MAX"),
                        help="random rescale range for training images")
-        scribble.add_scribble_args(parser)
+        return [g, scribble.add_scribble_args(parser)]
 
     # -- training ---------------------------------------------------------------------------------
     @staticmethod

@@ -296,3 +296,21 @@ def test_pretrained_torchvision_weights_load_except_the_classifier(tmp_path, cls
     trained = torch.load(logdir / "last.pth", weights_only=True)["model"]
     assert torch.equal(trained["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
     assert trained["fc.weight"].shape == (4, 512)
+
+
+def test_task_defaults_stay_with_their_task():
+    """A classification default (label smoothing 0.1) must not change segmentation's loss, and back."""
+    sys.path.insert(0, ROOT)
+    import tasks
+    import train
+    from core import config
+    from models.losses import build_criterion, cross_entropy
+
+    def parse(argv):
+        return config.parse_args(train.get_args_parser(), argv, task_defaults=tasks.task_defaults)
+
+    seg, cls = parse([]), parse(["--task", "classification"])
+    assert seg.label_smoothing == 0.0 and seg.model_type == "deeplabv3p" and seg.hflip_prob == 0.5
+    assert build_criterion(seg).terms[0][2] is cross_entropy  # plain cross-entropy, as before classification
+    assert cls.label_smoothing == 0.1 and cls.model_type == "resnet" and cls.hflip_prob == 0.0
+    assert parse(["--task", "classification", "--label_smoothing", "0", "--hflip_prob", "0.5"]).hflip_prob == 0.5

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, TINY, run
 
 SCRIPT = ["bash", "tools/gpu_check.sh"]
-TRAIN_ROWS = ["train-fp32", "train-amp-bf16", "train-channels-last", "ddp-1proc"]
+TRAIN_ROWS = ["train-fp32", "train-amp-bf16", "train-channels-last", "classify-amp-channels-last", "ddp-1proc"]
 # export-onnx is left out of the end-to-end run (ROWS) to keep it short: the ONNX export itself is tested in
 # test_inference.py, the row's skip without the packages below.
 CPU_ROWS = TRAIN_ROWS + ["test", "infer", "export-torchscript"]

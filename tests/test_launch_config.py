@@ -35,7 +35,8 @@ def test_debug_ddp_entry_runs_a_process_group_of_one(tmp_path, tiny_data):
 
 def test_help_groups_the_flags():
     out = run(["train.py", "--help"]).stdout
-    for group in ("data:", "model:", "optimisation:", "recipe:", "run:", "processes:", "config:"):
+    for group in ("data:", "task:", "segmentation:", "classification:", "model:", "optimisation:", "recipe:", "run:",
+                  "processes:", "config:"):
         assert group in out
     for flag in ("--layers", "--model_type", "--dataset_path", "--numclasses", "--batchsize", "--epochs", "--lr",
                  "--workers", "--logdir", "--distributed", "--world_size", "--dist_url", "--resume", "--lr_scaling"):

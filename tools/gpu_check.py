@@ -452,6 +452,9 @@ class Check:
             self.train("train-amp-fp16", ["--amp", "--amp_dtype", "float16"],
                        expect=["autocast float16 with a GradScaler"], gpu_only="float16 autocast needs CUDA")
             self.train("train-channels-last", ["--channels_last"])
+            self.train("classify-amp-channels-last", ["--task", "classification", "--model_type", "resnet", "--layers",
+                                                      "50", "--image_size", "64", "--amp", "--channels_last"],
+                       expect=["classification data", "autocast bfloat16"])
             self.nccl_rule_row()
             self.train("ddp-1proc", nproc=1, expect=[backend])
             if gpu and self.gpus < 2:
