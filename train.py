@@ -252,7 +252,7 @@ def main(args):
             log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val "
                      + headline(val, task.labels) + (" (EMA weights)" if ema else "")
                      + f", {train['images_per_s']:.1f} img/s" + (" (best)" if improved else ""))
-            record_epoch(recorder, epoch + 1, train, val, class_names)
+            record_epoch(recorder, epoch + 1, step, train, val, class_names)
             if ctx.is_main and args.vis_interval and (epoch + 1) % args.vis_interval == 0:
                 recorder.image("val/predictions", task.prediction_grid(ema.module if ema else model_without_ddp,
                                                                         val_set, args.vis_images, ctx.device,
@@ -301,13 +301,14 @@ def check_best_metric(args, task):
     return name
 
 
-def record_epoch(recorder, epoch, train, val, class_names):
-    """One epoch's numbers to TensorBoard/W&B and a row of summary.csv, all derived from the metrics dict."""
-    recorder.scalars({"epoch/train_loss": train["loss"],
-                      **{f"epoch/train_loss_{k}": v for k, v in train["terms"].items()},
-                      "epoch/lr": train["lr"], "epoch/images_per_s": train["images_per_s"],
-                      "epoch/data_wait": train["data_wait"], **record_scalars(val, class_names),
-                      **gpu_memory_scalars()}, epoch)
+def record_epoch(recorder, epoch, step, train, val, class_names):
+    """One epoch's numbers to TensorBoard/W&B, events.jsonl and a row of summary.csv, all derived from the
+    metrics dict."""
+    scalars = {"epoch/train_loss": train["loss"], **{f"epoch/train_loss_{k}": v for k, v in train["terms"].items()},
+               "epoch/lr": train["lr"], "epoch/images_per_s": train["images_per_s"],
+               "epoch/data_wait": train["data_wait"], **record_scalars(val, class_names), **gpu_memory_scalars()}
+    recorder.scalars(scalars, epoch)
+    recorder.event({"epoch": epoch, "step": step, "time": time.time(), **scalars})
     recorder.epoch_row({"epoch": epoch, "lr": f"{train['lr']:.6g}", "train_loss": f"{train['loss']:.6f}",
                         **{f"train_loss_{k}": f"{v:.6f}" for k, v in train["terms"].items()},
                         **record_row(val, class_names), "epoch_time": f"{train['time']:.2f}",

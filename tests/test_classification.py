@@ -314,3 +314,26 @@ def test_task_defaults_stay_with_their_task():
     assert build_criterion(seg).terms[0][2] is cross_entropy  # plain cross-entropy, as before classification
     assert cls.label_smoothing == 0.1 and cls.model_type == "resnet" and cls.hflip_prob == 0.0
     assert parse(["--task", "classification", "--label_smoothing", "0", "--hflip_prob", "0.5"]).hflip_prob == 0.5
+
+
+def test_plugin_classifier_best_metric_and_the_saved_split(tmp_path):
+    data = make_tree(tmp_path / "data", per_class=9, seed=5)
+    plugin = tmp_path / "my_classifier.py"
+    plugin.write_text("import torch.nn as nn\nfrom tasks.classification import register_classifier\n\n\n"
+                      "@register_classifier('tiny_cls')\ndef tiny(args):\n"
+                      "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+                      "                         nn.Linear(8, args.numclasses))\n")
+    logdir = tmp_path / "run"
+    flags = [*CLS_TINY, "--dataset_path", data, "--plugin", str(plugin), "--model_type", "tiny_cls"]
+    proc = run(["train.py", *flags, "--best_metric", "top_one", "--logdir", str(logdir)], tmp_path, check=False)
+    assert proc.returncode == 2 and "--best_metric 'top_one' is not a classification metric" in proc.stderr
+    run(["train.py", *flags, "--best_metric", "macro_f1", "--logdir", str(logdir)], tmp_path)
+    ckpt = torch.load(logdir / "best.pth", weights_only=True)
+    assert ckpt["best_metric"] == "macro_f1" and ckpt["best_score"] == ckpt["val"]["macro_f1"]
+    # New images after training do not change the split that test.py evaluates: it reads the run's split.json.
+    for kind in CLASSES:
+        cv2.imwrite(os.path.join(data, kind, "99.png"), draw(kind, np.random.default_rng(9)))
+    out = tmp_path / "test"
+    run(["test.py", "--checkpoint", str(logdir / "best.pth"), "--split", "val", "--workers", "0",
+         "--save_path", str(out)], tmp_path)
+    assert json.load(open(out / "metrics.json"))["samples"] == 8

@@ -37,7 +37,10 @@ def test_records_for_scripts(trained):
     rows = list(csv.DictReader(open(os.path.join(logdir, "summary.csv"))))
     assert {"train_loss_ce", "val_mean_class_acc", "val_iou_background", "epoch_time", "images_per_s"} <= set(rows[0])
     events = [json.loads(line) for line in open(os.path.join(logdir, "events.jsonl"))]
-    assert len(events) == 4 and all("train/loss" in e and "train/lr" in e for e in events)  # log_interval 1, 4 steps
+    steps = [e for e in events if "train/loss" in e]
+    assert len(steps) == 4 and all("train/lr" in e for e in steps)  # log_interval 1, 4 steps
+    epochs = [e for e in events if "val/miou" in e]  # and one record per epoch with every val metric
+    assert len(events) == 5 and len(epochs) == 1 and epochs[0]["step"] == 4 and "val/iou/background" in epochs[0]
 
 
 def test_run_summary_and_no_gpu_monitor_on_cpu(trained):
