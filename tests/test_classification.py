@@ -188,7 +188,7 @@ def test_classification_metrics_match_scikit_learn():
 
 def test_mixing_keeps_the_label_shares():
     sys.path.insert(0, ROOT)
-    from tasks.classification import MixCollate, MixedCriterion
+    from data.mixing import MixCollate, MixedCriterion
     batch = [(torch.full((3, 8, 8), float(i)), i) for i in range(4)]
     np.random.seed(3)
     images, target = MixCollate(0.0, 1.0, 0.2, 1.0)(batch)  # always CutMix
