@@ -26,7 +26,6 @@ register_classification_dataset = DATASETS.register
 CLASSIFIERS = Registry("classification model")
 register_classifier = CLASSIFIERS.register
 SPLIT_FILE = "split.json"
-BUILTIN = "the built-in digits"
 
 
 class ClassificationTask:

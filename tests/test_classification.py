@@ -337,3 +337,17 @@ def test_plugin_classifier_best_metric_and_the_saved_split(tmp_path):
     run(["test.py", "--checkpoint", str(logdir / "best.pth"), "--split", "val", "--workers", "0",
          "--save_path", str(out)], tmp_path)
     assert json.load(open(out / "metrics.json"))["samples"] == 8
+
+
+@pytest.mark.parametrize("name, nproc", [("ddp_example.toml", 1), ("ddp_quick_test.toml", 2)])
+def test_shipped_classification_configs_run(tmp_path, cls_data, name, nproc):
+    """Each shipped classification config, on the tiny shapes and for two steps (ResNet-18 at 32 px for the
+    ImageNet template, so that it fits a CPU test; every other setting is the file's)."""
+    args = ["train.py", "--config", os.path.join("configs", name), "--dataset_path", cls_data, *SPLIT,
+            "--epochs", "1", "--limit_batches", "2", "--workers", "0", "--batchsize", "4", "--logdir", str(tmp_path / "run")]
+    if name == "ddp_example.toml":
+        args += ["--layers", "18", "--image_size", "32", "--val_resize", "36"]
+    proc = run(args, tmp_path) if nproc == 1 else torchrun(nproc, args, tmp_path=tmp_path)
+    assert f"{nproc} process(es)" in proc.stdout and "val top-1" in proc.stdout
+    ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert ckpt["args"]["task"] == "classification"
