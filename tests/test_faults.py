@@ -267,6 +267,8 @@ def test_port_in_use_is_one_clear_line(tmp_path):
 def test_first_ctrl_c_asks_to_stop_and_the_second_quits_at_once():
     from argparse import Namespace
     from engine import faults
+    before = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN in a shell's background job
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     guard = faults.Guard(Namespace(nan_policy="stop", max_nan_skips=0))
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -279,4 +281,6 @@ def test_first_ctrl_c_asks_to_stop_and_the_second_quits_at_once():
         assert stop.exit_code == 130 and "stopped by SIGINT at epoch 2, batch 3, step 7" in str(stop)
     finally:
         guard.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        restored = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, before)
+    assert restored is signal.default_int_handler

@@ -148,6 +148,7 @@ class Check:
         model = os.environ.get("MODEL")
         self.model = shlex.split(model if model is not None else "--model_type deeplabv3p --layers 50")
         self.train_flags = shlex.split(os.environ.get("TRAIN_FLAGS", ""))
+        self.cls_flags = shlex.split(os.environ.get("CLS_FLAGS", ""))
         only = os.environ.get("ROWS", "").replace(",", " ").split()
         self.only = set(only) or None
         self.cpu_compile = os.environ.get("GPU_CHECK_CPU_COMPILE", "") not in ("", "0")
@@ -317,14 +318,16 @@ class Check:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def train(self, name, extra=(), nproc=None, steps=None, expect=(), timeout=None, **kw):
-        """A training row: train.py (under torchrun with `nproc`) for `steps` batches of one epoch."""
+    def train(self, name, extra=(), nproc=None, steps=None, expect=(), timeout=None, base=None, **kw):
+        """A training row: train.py (under torchrun with `nproc`) for `steps` batches of one epoch, with
+        TRAIN_FLAGS (or `base` instead) and `extra`."""
         def fn(row, limit):
             logdir = self.logdir(name)
             flags = [*self.model, "--epochs", "1", "--batchsize", str(self.batchsize), "--crop_size", str(self.crop),
                      "--limit_batches", str(steps or self.steps), "--workers", str(self.workers),
                      "--log_interval", "1", "--no_progress", "--vis_interval", "0", "--gpu_stats_interval", "0",
-                     "--device", self.device, "--logdir", logdir, *self.train_flags, *extra]
+                     "--device", self.device, "--logdir", logdir,
+                     *(self.train_flags if base is None else base), *extra]
             if nproc:  # every collective recorded: on the device the backend needs, called from distributed.py
                 shutil.rmtree(self.env["AILAB_COLLECTIVE_LOG"], ignore_errors=True)
                 os.makedirs(self.env["AILAB_COLLECTIVE_LOG"])
@@ -454,7 +457,7 @@ class Check:
             self.train("train-channels-last", ["--channels_last"])
             self.train("classify-amp-channels-last", ["--task", "classification", "--model_type", "resnet", "--layers",
                                                       "50", "--image_size", "64", "--amp", "--channels_last"],
-                       expect=["classification data", "autocast bfloat16"])
+                       expect=["classification data", "autocast bfloat16"], base=self.cls_flags)
             self.nccl_rule_row()
             self.train("ddp-1proc", nproc=1, expect=[backend])
             if gpu and self.gpus < 2:

@@ -19,6 +19,8 @@
 #   MODEL            model flags for train.py [--model_type deeplabv3p --layers 50]
 #   TRAIN_FLAGS      more train.py flags, e.g. "--dataset_path data/VOC2012" [none: the built-in data,
 #                    generated locally on first use under AILAB_DATA or ~/.cache/ailab]
+#   CLS_FLAGS        train.py flags of the classification row instead of TRAIN_FLAGS [none: the built-in digits,
+#                    which need scikit-learn (requirements-dev.txt)]
 #   INFER_IMAGES     images for the infer.py row [16]
 #   ROW_TIMEOUT      seconds one row may take before it is killed (with its child processes) [150]
 #   COMPILE_TIMEOUT  the same for the --compile row [300]
