@@ -42,7 +42,9 @@ def get_args_parser():
     g.add_argument("--save_overlay", action="store_true", help="also write image+mask overlays to overlay/")
     g.add_argument("--class_names", default=None, metavar="FILE",
                    help="one class name per line; default: the names stored in the checkpoint")
-    g.add_argument("--batchsize", type=int, default=1, help="images per process per step (>1 needs one image size)")
+    g.add_argument("--batchsize", type=int, default=None,
+                   help="images per process per step; default 1 for segmentation (>1 needs one image size), the "
+                        "checkpoint's --val_batchsize for classification")
     g.add_argument("--workers", type=int, default=2)
     add_plugin_arg(g)
     inference.add_inference_args(p, crop_help="window side for --sliding; default: the checkpoint's training crop")
@@ -60,6 +62,7 @@ def main(args):
     args.topk = args.topk or getattr(trained, "topk", 5)
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     options = task.predict_options(args, trained, ctx.device)
+    args.batchsize = args.batchsize or task.test_batchsize(trained)
     numclasses = trained.numclasses
     root = task.resolve_eval_root(trained, args, ctx)
     dataset = task.eval_dataset(trained, root, args.split, run_dir)

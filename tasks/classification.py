@@ -3,6 +3,8 @@ cross-entropy/focal with label smoothing, class weights, Mixup and CutMix, top-1
 import csv
 import io
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -187,7 +189,12 @@ class ClassificationTask:
 
     @staticmethod
     def predict_options(args, trained, device):
-        return inference.PredictOptions(amp_dtype=inference.resolve_amp(args, device))
+        return CropOptions(amp_dtype=inference.resolve_amp(args, device), image_size=trained.image_size,
+                           resize=trained.val_resize)
+
+    @staticmethod
+    def test_batchsize(trained):
+        return trained.val_batchsize  # every image is resized and cropped to one size
 
     @staticmethod
     def per_class_table(names, metrics):
@@ -218,6 +225,21 @@ class ClassificationTask:
                   for p, i in zip(top.values.tolist(), top.indices.tolist())]
         return {"path": job["path"], "class": ranked[0]["class"], "index": ranked[0]["index"],
                 "prob": ranked[0]["prob"], "topk": ranked}
+
+
+@dataclass
+class CropOptions(inference.PredictOptions):
+    """How a classifier sees an image: its shorter side resized, a centre crop, one pass (and autocast)."""
+    image_size: int = 224
+    resize: Optional[int] = None
+
+    def as_dict(self):
+        return {"image_size": self.image_size, "resize": self.resize or self.image_size,
+                "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None}
+
+    def describe(self):
+        return (f"shorter side resized to {self.resize or self.image_size} px, centre crop {self.image_size} px"
+                + (f", autocast {str(self.amp_dtype).replace('torch.', '')}" if self.amp_dtype else ""))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,10 @@ class SegmentationTask:
         return inference.options_from_args(args, device, getattr(trained, "crop_size", None) or 512)
 
     @staticmethod
+    def test_batchsize(trained):
+        return 1  # images keep their own sizes
+
+    @staticmethod
     def per_class_table(names, metrics):
         return [("IoU", metrics["iou"]), ("Dice", metrics["dice"]), ("acc", metrics["class_acc"])]
 
