@@ -6,27 +6,18 @@ Each repeat starts from an empty data cache, so the time includes generating the
 exactly as on a fresh machine. Prints every run and the medians.
 """
 import argparse
-import csv
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from timed_run import timed_run
 
 
 def one_run(workdir):
     env = {**os.environ, "AILAB_DATA": os.path.join(workdir, "cache")}
     logdir = os.path.join(workdir, "run")
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "train.py", "--logdir", logdir], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    with open(os.path.join(logdir, "summary.csv")) as f:
-        miou = [float(row["val_miou"]) for row in csv.DictReader(f)]
-    return seconds, max(miou), miou[-1]
+    return timed_run([sys.executable, "train.py", "--logdir", logdir], env, logdir, "val_miou")
 
 
 def main():

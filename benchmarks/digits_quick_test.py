@@ -10,15 +10,13 @@ own), so each run's wall time is what a user waits for from `torchrun` to its ex
 the spread (min-max) and the median.
 """
 import argparse
-import csv
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from timed_run import ROOT, timed_run
 QUICK_TEST = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port={port}",
               "train.py", "--config", "configs/ddp_quick_test.toml"]
 DEFAULT = ["train.py", "--task", "classification"]
@@ -28,12 +26,7 @@ def one_run(command, seed, cache, workdir, port, extra):
     env = {**os.environ, "AILAB_DATA": cache}
     logdir = os.path.join(workdir, f"seed{seed}")
     cmd = [sys.executable, *[c.format(port=port) for c in command], "--seed", str(seed), "--logdir", logdir, *extra]
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    with open(os.path.join(logdir, "summary.csv")) as f:
-        top1 = [float(row["val_top1"]) for row in csv.DictReader(f)]
-    return seconds, max(top1), top1[-1]
+    return timed_run(cmd, env, logdir, "val_top1", quiet_stderr=True)
 
 
 def main():
