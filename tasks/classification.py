@@ -289,6 +289,7 @@ def load_splits(args, root, run_dir):
         samples = {"train": train}
         for name in lists[1:]:
             _, samples[name] = folder.read_list_file(os.path.join(root, name + ".txt"), root, classes)
+            folder.check_val_classes(train, samples[name], classes, os.path.join(root, name + ".txt"))
         return classes, {"kind": "lists", "where": root, "samples": samples}
     classes, items = folder.scan_image_folder(root)
     return classes, {"kind": "ratio", "where": f"{root} (split by --split_ratio)",

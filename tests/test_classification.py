@@ -251,6 +251,12 @@ def bad_tree(tmp_path, kind):
             f.write("circle/01.png 0\n")
         (tmp_path / "data" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
         return root, "7"
+    if kind == "listed val class not in train":
+        for split, lines in (("train", "circle/00.png circle\ncross/00.png cross\n"), ("val", "square/00.png square\n")):
+            with open(os.path.join(root, f"{split}.txt"), "w") as f:
+                f.write(lines)
+        (tmp_path / "data" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+        return root, "'square'"
     if kind == "val class not in train":
         os.makedirs(os.path.join(root, "train"))
         os.makedirs(os.path.join(root, "val"))
@@ -263,7 +269,7 @@ def bad_tree(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["empty class", "corrupt image", "no images", "label out of range",
-                                  "val class not in train"])
+                                  "val class not in train", "listed val class not in train"])
 def test_bad_data_is_one_line_and_exit_2(tmp_path, kind):
     root, name = bad_tree(tmp_path, kind)
     proc = run(["train.py", *CLS_TINY, "--dataset_path", root, "--logdir", str(tmp_path / "run")], tmp_path,
