@@ -5,7 +5,6 @@ Settings come from the environment; tools/gpu_check.sh lists them. Exit code: 0 
 did, 2 when there is no CUDA GPU and GPU_CHECK_DEVICE=cpu is not set, 130 when interrupted.
 """
 import importlib.util
-import json
 import os
 import re
 import shlex
@@ -17,6 +16,11 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helpers beside this script, however it is loaded
+from gpu_check_logs import (error_line, fmt, last_data_wait, misplaced_collectives, parse_train_log,  # noqa: E402
+                            short, steady_rate)
+from gpu_check_procs import free_port, kill_group  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -64,71 +68,6 @@ def env_int(name, default):
         return int(value) if value else default
     except ValueError:
         sys.exit(f"gpu_check: {name}={value!r} is not an integer")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def short(text, n=220):
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[:n - 3] + "..."
-
-
-def error_line(text):
-    """The line that says why a run failed: the suite's one-line 'error: ...', else the last exception line,
-    else the last non-empty line (torchrun's ChildFailedError box is never the reason)."""
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    lines = [l for l in lines if "ChildFailedError" not in l and not l.startswith("$ ") and not set(l) <= set("=-_*")]
-    for pattern in (r"(^|\] )error: ", r"\b[A-Za-z_.]*(Error|Exception)\b(:|$)", r"Traceback|FAILED|Killed"):
-        hits = [l for l in lines if re.search(pattern, l)]
-        if hits:
-            return hits[-1]
-    return lines[-1] if lines else "(no output)"
-
-
-def parse_train_log(text):
-    """(mean img/s, peak GPU MiB) from train.py's log: the 'done in' line, else the last epoch line."""
-    rate = gpu = None
-    done = [l for l in text.splitlines() if re.search(r"\bdone in \d+ s:", l)]
-    if done:
-        m = re.search(r"; mean ([\d.]+) img/s", done[-1])
-        rate = float(m.group(1)) if m else None
-        m = re.search(r", (\d+) MiB GPU", done[-1])
-        gpu = float(m.group(1)) if m else None
-    if rate is None:
-        epochs = re.findall(r"epoch \d+/\d+: train loss .*?, ([\d.]+) img/s", text)
-        rate = float(epochs[-1]) if epochs else None
-    return rate, gpu
-
-
-def steady_rate(events_path, images_per_step):
-    """img/s from the event times of the second half of the logged steps (needs --log_interval 1), so the first
-    steps (cudnn autotuning, torch.compile) do not count. None with fewer than 2 logged steps."""
-    steps = []
-    try:
-        with open(events_path) as f:
-            for line in f:
-                record = json.loads(line)
-                if "train/images_per_s" in record:
-                    steps.append((record["step"], record["time"]))
-    except (OSError, ValueError):
-        return None
-    if len(steps) < 2:
-        return None
-    (first_step, t0), (last_step, t1) = steps[(len(steps) - 1) // 2], steps[-1]
-    return (last_step - first_step) * images_per_step / (t1 - t0) if t1 > t0 else None
-
-
-def last_data_wait(events_path):
-    try:
-        with open(events_path) as f:
-            records = [json.loads(l) for l in f if l.strip()]
-        return next(r["train/data_wait"] for r in reversed(records) if "train/data_wait" in r)
-    except (OSError, ValueError, StopIteration):
-        return None
 
 
 class Check:
@@ -479,67 +418,6 @@ class Check:
               + f". Table: {os.path.join(self.out, 'gpu_check.md')}; logs: {self.out}/<row>.log", flush=True)
         return 1 if failed else 0
 
-
-def misplaced_collectives(folder):
-    """None, or the first collective (recorded by tests/collective_probe.py) that was not called from
-    distributed.py or got a tensor off the device its backend needs (NCCL: cuda:LOCAL_RANK; gloo: cpu)."""
-    records = []
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name)) as f:
-            records += [json.loads(line) for line in f]
-    if not records:
-        return "no collective was recorded"
-    for r in records:
-        need = f"cuda:{r['local_rank']}" if r["backend"] == "nccl" else "cpu"
-        if r["caller"] != "core/distributed.py" or any(d != need for d in r["devices"]):
-            return f"collective {r['op']} from {r['caller']} on {r['devices']} under {r['backend']} (expected {need})"
-    return None
-
-
-def fmt(value, digits):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def descendants(pid):
-    """Every process below `pid` (torchrun starts its workers in sessions of their own, out of reach of killpg)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def kill_group(proc):
-    """SIGTERM the row's process group and every descendant, give them 15 s, then SIGKILL what is left."""
-    tree = descendants(proc.pid) if os.path.isdir("/proc") else []
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 0)):
-        for target in [("group", proc.pid)] + [("pid", p) for p in tree]:
-            try:
-                (os.killpg if target[0] == "group" else os.kill)(target[1], sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (proc.poll() is None or any(alive(p) for p in tree)):
-            time.sleep(0.2)
-    proc.wait()
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 def interrupt(signum, frame):
     """SIGTERM/SIGHUP (e.g. an outer `timeout`) end the check like Ctrl-C: the running row's process group is
