@@ -38,7 +38,7 @@ INPUT_KINDS = "an image, a folder of images, a quoted glob pattern, or a .txt fi
 
 
 def get_args_parser():
-    p = config.make_parser(__doc__)
+    p = config.make_parser(__doc__, entry="infer")
     g = p.add_argument_group("inference")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
     models.add_weights_arg(g)
@@ -294,5 +294,10 @@ def flat_row(record, prefix=""):
     return row
 
 
+def cli(argv=None):
+    """The command line (main.py runs it too)."""
+    run_entry(main, get_args_parser(), argv)
+
+
 if __name__ == "__main__":
-    run_entry(main, get_args_parser())
+    cli()

@@ -19,6 +19,7 @@ import models
 import tasks
 import utils
 from core import config, distributed
+from data import components
 from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
 from data.loaders import build_eval_loader
@@ -28,7 +29,7 @@ from tasks.base import headline, trained_args
 
 
 def get_args_parser():
-    p = config.make_parser(__doc__)
+    p = config.make_parser(__doc__, entry="test")
     g = p.add_argument_group("evaluation")
     g.add_argument("--checkpoint", required=True, help="a .pth written by train.py (model flags come from it)")
     models.add_weights_arg(g)
@@ -64,8 +65,11 @@ def main(args):
     options = task.predict_options(args, trained, ctx.device)
     args.batchsize = args.batchsize or task.test_batchsize(trained)
     numclasses = trained.numclasses
-    root = task.resolve_eval_root(trained, args, ctx)
-    dataset = task.eval_dataset(trained, root, args.split, run_dir)
+    if components.is_component(getattr(trained, "dataset", None)):  # registered in seed 001's style
+        root, dataset = trained.dataset, components.build(trained, args.split)
+    else:
+        root = task.resolve_eval_root(trained, args, ctx)
+        dataset = task.eval_dataset(trained, root, args.split, run_dir)
     if args.class_names:
         names = inference.read_class_names(args.class_names, numclasses)
     else:
@@ -112,5 +116,10 @@ def check_one_size(dataset, args):
                               f"has {len(sizes)} sizes (e.g. {shown}, WxH); use --batchsize 1")
 
 
+def cli(argv=None):
+    """The command line (main.py runs it too)."""
+    run_entry(main, get_args_parser(), argv)
+
+
 if __name__ == "__main__":
-    run_entry(main, get_args_parser())
+    cli()

@@ -20,6 +20,7 @@ import utils
 from core import config, distributed
 from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
+from data import components
 from data.loaders import build_eval_loader, build_train_loader
 from engine import checkpoint, faults, recipe
 from engine.loop import Run, show_progress, train_one_epoch, updates_per_epoch
@@ -29,11 +30,11 @@ from engine.records import GpuMonitor, Recorder, add_monitor_args, gpu_memory_sc
 from evaluation.evaluate import evaluate
 from evaluation.inference import PredictOptions
 from models.losses import FOCAL_GAMMA, LOSSES
-from tasks.base import headline, record_row, record_scalars
+from tasks.base import headline, record_row, record_scalars, shown_metrics
 
 
 def get_args_parser():
-    p = config.make_parser(__doc__)
+    p = config.make_parser(__doc__, entry="train")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="voc",
                    help="registered dataset name; segmentation: " + ", ".join(tasks.SegmentationTask.datasets.names())
@@ -49,6 +50,12 @@ def get_args_parser():
     g.add_argument("--val_split", default="val")
     g.add_argument("--hflip_prob", type=float, default=0.5)
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    g.add_argument("--dataset_kwargs", type=config.json_table, default=None, metavar="JSON",
+                   help="keyword arguments of a dataset registered with DATASETS.register_module()")
+    g.add_argument("--val_dataset_kwargs", type=config.json_table, default=None, metavar="JSON",
+                   help="the same for the validation split; default: --dataset_kwargs")
+    g.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                   help="the class names in label order; the run stops if the data's differ")
     tasks.add_task_args(p)
 
     g = models.add_model_args(p)
@@ -87,14 +94,29 @@ def get_args_parser():
     g.add_argument("--gamma", type=float, default=0.1, help="decay factor of step and multistep")
     g.add_argument("--loss", nargs="+", default=["ce"], metavar="NAME[:WEIGHT]",
                    help="weighted sum of registered losses: " + ", ".join(LOSSES.names()))
+    g.add_argument("--loss_kwargs", type=config.json_table, default=None, metavar="JSON",
+                   help="{loss name: keyword arguments} for losses registered with LOSSES.register_module()")
     g.add_argument("--focal_gamma", type=float, default=FOCAL_GAMMA,
                    help="focusing exponent of the focal loss (0: cross-entropy)")
     g.add_argument("--best_metric", default=None,
                    help="the val metric that picks best.pth and drives early stopping (higher is better); "
                         "default: the task's (segmentation miou, classification top1)")
+    g.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                   help="the val metrics the epoch log line shows (accuracy, precision, recall, f1 or any metric "
+                        "name); every metric is still recorded; default: the task's")
 
     g = p.add_argument_group("run")
-    g.add_argument("--logdir", default=None, help="default runs/<model>-<time>, or the --resume checkpoint's folder")
+    g.add_argument("--logdir", default=None,
+                   help="the run folder; default OUTPUT_DIR/RUN_NAME-RUN_ID, or the --resume checkpoint's folder")
+    g.add_argument("--output_dir", default="runs", help="where new run folders are made")
+    g.add_argument("--run_name", default=None, help="first part of a new run folder's name; default MODEL-rLAYERS")
+    g.add_argument("--run_id", default=None, help="second part; default the start time (--stamp_format)")
+    g.add_argument("--stamp_format", default="%Y%m%d-%H%M%S", help="strftime format of that start time")
+    g.add_argument("--log_dir", default=None, help="folder of train.log; default the run folder")
+    g.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="level of rank 0's log (other ranks log warnings and errors)")
+    g.add_argument("--log_format", default=None,
+                   help="logging format of rank 0's lines, e.g. '%%(asctime)s %%(levelname)s | %%(message)s'")
     checkpoint.add_checkpoint_args(g)
     faults.add_fault_args(g)
     g.add_argument("--seed", type=int, default=0)
@@ -115,16 +137,18 @@ def main(args):
     named_logdir = args.logdir is not None
     if not named_logdir:
         # train_torchrun.sh exports one stamp, so a worker group restarted by torchrun finds the same folder.
-        stamp = os.environ.get("AILAB_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
-        args.logdir = (checkpoint.resume_logdir(args.resume, args.logdir)
-                       or os.path.join("runs", f"{args.model_type}-r{args.layers}-{stamp}"))
+        stamp = args.run_id or os.environ.get("AILAB_RUN_STAMP") or time.strftime(args.stamp_format)
+        args.logdir = (checkpoint.resume_logdir(args.resume, args.logdir) or os.path.join(
+            args.output_dir, f"{args.run_name or f'{args.model_type}-r{args.layers}'}-{stamp}"))
         args.logdir = distributed.broadcast_object(args.logdir)  # rank 0's clock names the folder
     # A checkpoint to resume is read and checked before anything is written, so a bad one changes nothing.
     # Its settings are already this run's defaults (checkpoint.saved_settings, at parse time).
     resume_path, ckpt = checkpoint.find_resume(args.resume, args.logdir)
     changed = checkpoint.check_settings(ckpt, args, resume_path) if ckpt is not None else []
     recipe.check_recipe_args(args)
-    log = utils.setup_logging(ctx, os.path.join(args.logdir, "train.log") if ctx.is_main else None)
+    checkpoint.check_save_args(args)
+    log = utils.setup_logging(ctx, os.path.join(args.log_dir or args.logdir, "train.log") if ctx.is_main else None,
+                              args.log_level, args.log_format)
     if changed:
         log.warning(f"resuming {resume_path} with settings changed from the checkpoint's: {'; '.join(changed)}")
     lr = utils.scaled_lr(args, ctx.world_size)
@@ -135,10 +159,17 @@ def main(args):
 
     # Data: the built-in set is generated once per machine by local rank 0 while the others wait.
     task = tasks.get_task(args.task)
-    root, class_names = task.prepare_data(args, ctx)
+    if args.classes and args.numclasses is None:
+        args.numclasses = len(args.classes)
+    if components.is_component(args.dataset):  # a class registered with DATASETS.register_module() (seed 001)
+        root, ((train_set, val_set), class_names) = f"{args.dataset} {args.dataset_kwargs or {}}", components.prepare(args)
+    else:
+        root, class_names = task.prepare_data(args, ctx)
+        train_set, val_set = task.build_datasets(args, root)
+    check_classes(args.classes, class_names)
     best_name = check_best_metric(args, task)
     best_label = task.labels.get(best_name, best_name)
-    train_set, val_set = task.build_datasets(args, root)
+    shown = shown_metrics(args.metrics, task, args)  # what the epoch line reports
     train_loader, train_sampler = build_train_loader(train_set, args.batchsize, args.workers, ctx.rank,
                                                      ctx.world_size, args.seed, collate_fn=task.train_collate(args))
     val_loader = build_eval_loader(val_set, args.val_batchsize, args.workers, ctx.rank, ctx.world_size,
@@ -151,7 +182,7 @@ def main(args):
     recipe.setup_determinism(args.deterministic, ctx.device)
     utils.seed_everything(args.seed)
     model = task.build_model(args)
-    criterion = task.build_criterion(args, model)
+    criterion = task.build_criterion(args, model).to(ctx.device)  # a registered loss may hold tensors
     if args.pretrained and ckpt is None:
         log.info(task.load_pretrained(model, args.pretrained, args.strict_load))
     if args.freeze:
@@ -198,6 +229,7 @@ def main(args):
     config_text = config.to_toml(args, get_args_parser())
     log.info("resolved configuration:\n" + config_text.rstrip())
     if ctx.is_main:
+        os.makedirs(args.logdir, exist_ok=True)  # (train.log may be elsewhere: --log_dir)
         config.write_config(config_text, os.path.join(args.logdir, "config.toml"))
         if not named_logdir:
             utils.link_latest(args.logdir)
@@ -220,11 +252,16 @@ def main(args):
                  **({"ema": recipe.ema_state(ema)} if ema else {})}
         checkpoint.save_on_rank0(ctx, state, [os.path.join(args.logdir, name) for name in names])
 
+    recovery_every = args.recovery_interval or checkpoint.steps_every(args.recovery_period, steps_per_epoch)
+    last_every = checkpoint.steps_every(args.save_period, steps_per_epoch) if (args.save_period or 1) < 1 else None
+
     def on_update(step, batches_done):
         if ema is not None:
             ema.update_parameters(model_without_ddp)
-        if args.recovery_interval and step % args.recovery_interval == 0:
-            save([checkpoint.RECOVERY], epoch, batches_done, step, epoch - 1)
+        names = ([checkpoint.RECOVERY] if recovery_every and step % recovery_every == 0 else []) + (
+            [checkpoint.LAST] if last_every and step % last_every == 0 else [])
+        if names:
+            save(names, epoch, batches_done, step, epoch - 1)
 
     run = Run(model, criterion, optimizer, amp, guard, recorder, ctx, args, lr_fn, on_update)
     rates, val = [], None
@@ -250,16 +287,15 @@ def main(args):
             stop = distributed.broadcast_object(stopper.update(val[best_name], epoch + 1))  # all ranks stop together
             rates.append(train["images_per_s"])
             log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val "
-                     + headline(val, task.labels) + (" (EMA weights)" if ema else "")
+                     + headline(val, shown) + (" (EMA weights)" if ema else "")
                      + f", {train['images_per_s']:.1f} img/s" + (" (best)" if improved else ""))
             record_epoch(recorder, epoch + 1, step, train, val, class_names)
             if ctx.is_main and args.vis_interval and (epoch + 1) % args.vis_interval == 0:
                 recorder.image("val/predictions", task.prediction_grid(ema.module if ema else model_without_ddp,
                                                                         val_set, args.vis_images, ctx.device,
                                                                         class_names), epoch + 1)
-            periodic = args.save_interval and (epoch + 1) % args.save_interval == 0
-            save([checkpoint.LAST] + ([checkpoint.BEST] if improved else [])
-                 + ([checkpoint.periodic_name(epoch + 1)] if periodic else []), epoch + 1, 0, step, epoch, val)
+            save(checkpoint.saved_at_epoch_end(args, epoch + 1, args.epochs)
+                 + ([checkpoint.BEST] if improved and not args.no_save_best else []), epoch + 1, 0, step, epoch, val)
             if ctx.is_main and args.keep_last:
                 checkpoint.prune_periodic(args.logdir, args.keep_last)
             if stop:
@@ -285,7 +321,7 @@ def main(args):
 
     rss, gpu = peak_memory()
     log.info(f"done in {time.time() - started:.0f} s: best val {best_label} {best_score:.4f} at epoch {best_epoch}"
-             + (f"; last epoch val {headline(val, task.labels)}" if rates else "")
+             + (f"; last epoch val {headline(val, shown)}" if rates else "")
              + (f"; mean {sum(rates) / len(rates):.1f} img/s" if rates else "")
              + f"; peak memory {rss:.0f} MiB RSS" + (f", {gpu:.0f} MiB GPU" if gpu else "")
              + f"; checkpoints {os.path.join(args.logdir, 'best.pth')} and {os.path.join(args.logdir, 'last.pth')}")
@@ -299,6 +335,13 @@ def check_best_metric(args, task):
     if name not in known:
         raise utils.UserError(f"--best_metric {name!r} is not a {task.name} metric; expected one of {', '.join(known)}")
     return name
+
+
+def check_classes(expected, found):
+    """--classes (seed 002's `classes`) declares the class names in label order; the data must have exactly those."""
+    if expected and list(expected) != list(found):
+        raise utils.UserError(f"--classes {' '.join(expected)}: the data's classes are {' '.join(found)}; expected "
+                              f"the same names in the same (label) order")
 
 
 def record_epoch(recorder, epoch, step, train, val, class_names):
@@ -315,5 +358,11 @@ def record_epoch(recorder, epoch, step, train, val, class_names):
                         "images_per_s": f"{train['images_per_s']:.2f}", "data_wait": f"{train['data_wait']:.3f}"})
 
 
+def cli(argv=None, cfg=None):
+    """The command line (main.py runs it too; ailab.ailab_train gives a cfg dict in place of --config)."""
+    run_entry(main, get_args_parser(), argv, saved_settings=checkpoint.saved_settings, task_defaults=tasks.task_defaults,
+              cfg=cfg)
+
+
 if __name__ == "__main__":
-    run_entry(main, get_args_parser(), saved_settings=checkpoint.saved_settings, task_defaults=tasks.task_defaults)
+    cli()

@@ -29,14 +29,19 @@ def scaled_lr(args, world_size):
 # Logging, seeding, entry points
 # ----------------------------------------------------------------------------------------------
 
-def setup_logging(ctx, logfile=None):
-    """Rank 0 logs INFO to stdout (and `logfile`); other ranks log only warnings and errors, tagged."""
+def setup_logging(ctx, logfile=None, level="INFO", line_format=None):
+    """Rank 0 logs `level` to stdout (and `logfile`); other ranks log only warnings and errors, tagged."""
     log = logging.getLogger("ailab")
     log.handlers.clear()
     log.propagate = False
     if ctx.is_main:
-        log.setLevel(logging.INFO)
-        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        log.setLevel(level)
+        try:
+            fmt = logging.Formatter(line_format or "%(asctime)s %(message)s", None if line_format else "%H:%M:%S")
+            fmt.format(logging.LogRecord("ailab", logging.INFO, "", 0, "check", None, None))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--log_format {line_format!r} is not a logging format ({e}); expected e.g. "
+                            f"'%(asctime)s %(levelname)s | %(message)s'") from None
         handlers = [logging.StreamHandler(sys.stdout)]
         if logfile:
             os.makedirs(os.path.dirname(logfile) or ".", exist_ok=True)

@@ -6,14 +6,14 @@ A file's keys are flag names; tables may group them (`[optim] lr = 0.02`) but a 
 """
 import argparse
 import json
-import os
 import sys
-import tomllib
 
 import tomli_w
 import yaml
 
+from core import schema_cfg, schema_toml
 from core.registry import suggest
+from core.schemas import Mapping, detect, loss_specs_from_tables, read_config  # noqa: F401 - re-exported
 from utils import UserError, write_atomic
 
 # Flags that steer the parsing itself, or name this process, and so never come from or go to a file.
@@ -28,12 +28,33 @@ SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "batch_size": "batchsize", "
             "wd": "weight_decay", "crop": "crop_size", "os": "output_stride"}
 
 
-def make_parser(description):
-    """An entry script's parser, with the config flags. No abbreviations: one could silently shadow a file key."""
+SCHEMAS = {"002": schema_toml, "001": schema_cfg}
+
+
+def make_parser(description, entry="train"):
+    """An entry script's parser, with the config flags. No abbreviations: one could silently shadow a file key.
+
+    `entry` (train, test or infer) says which keys of a whole-pipeline schema file (core/schemas.py) it takes.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
+    parser.entry = entry
     add_config_args(parser)
     return parser
+
+
+def json_table(text):
+    """A flag whose value is a table: JSON on the command line, a table in a config file."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; expected e.g. '{{\"width\": 32}}'")
+    return value
+
+
+json_table.table = True  # config files give these flags a table, not text
 
 
 def add_config_args(parser):
@@ -55,12 +76,13 @@ def flag_actions(parser):
     return actions
 
 
-def parse_args(parser, argv=None, saved_settings=None, task_defaults=None):
+def parse_args(parser, argv=None, saved_settings=None, task_defaults=None, cfg=None):
     """argparse with config-file and --set defaults; explicit flags always win.
 
     Two hooks may add layers of defaults, each given the args parsed so far: `task_defaults(args)` returns the
     chosen task's defaults (they replace the built-in ones), and `saved_settings(args)` a resumed checkpoint's
     settings (they replace both). Files, --set and the command line win over all of them.
+    `cfg` is a config given as a dict (ailab.ailab_train); it takes the place of --config.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -69,9 +91,13 @@ def parse_args(parser, argv=None, saved_settings=None, task_defaults=None):
     known, _ = pre.parse_known_args(argv)
     actions = flag_actions(parser)
     values = {}
-    if known.config:
-        for key, (value, where) in flatten(read_config(known.config), actions, known.config).items():
-            values[key] = convert(actions[key], value, f"'{where}' in {known.config}")
+    if cfg is not None and known.config:
+        raise UserError(f"--config {known.config}: this run's configuration is the cfg dict it was started with; "
+                        f"expected no --config (flags and --set still apply)")
+    source = known.config or ("the cfg dict" if cfg is not None else None)
+    if source:
+        for key, (value, where) in file_flags(source, actions, getattr(parser, "entry", "train"), cfg).items():
+            values[key] = convert(actions[key], value, f"'{where}' in {source}")
     for item in known.set:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -101,52 +127,33 @@ def parse_args(parser, argv=None, saved_settings=None, task_defaults=None):
     return args
 
 
-def read_config(path):
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} does not exist; expected a .toml, .yaml/.yml or .json file")
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".toml":
-            with open(path, "rb") as f:
-                table = tomllib.load(f)
-        elif ext in (".yaml", ".yml"):
-            with open(path) as f:
-                table = yaml.safe_load(f)
-        elif ext == ".json":
-            with open(path) as f:
-                table = json.load(f)
-        else:
-            raise UserError(f"config file {path}: unknown extension '{ext}'; expected .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} could not be parsed: {' '.join(str(e).split())}") from e
-    if table is None:
-        return {}
-    if not isinstance(table, dict):
-        raise UserError(f"config file {path}: expected a table of flag names at the top, found {type(table).__name__}")
-    return table
+def file_flags(path, actions, entry, table=None):
+    """{flag: (value, where)} of a config file (or of `table`, a cfg dict named `path`) in any of the schemas
+    (core/schemas.py)."""
+    table = read_config(path) if table is None else table
+    mapping = Mapping(path, actions, entry)
+    schema = "001" if path.endswith(".py") else detect(table, actions, {k: v.MARKERS for k, v in SCHEMAS.items()})
+    if schema == "flags":
+        flatten(table, mapping)
+    else:
+        SCHEMAS[schema].translate(table, mapping)
+    return mapping.flags
 
 
-def flatten(table, actions, path, prefix=""):
-    """{flag: (value, where)} from nested tables; a key that is not a flag must be a table of flags."""
-    out = {}
+def flatten(table, mapping, prefix=""):
+    """The suite's own schema: keys are flag names; a key that is not a flag must be a table of flags."""
     for key, value in table.items():
         where = prefix + str(key)
         name = str(key).replace("-", "_")
-        if name in actions and not isinstance(value, dict):  # a table may share a flag's name ([task] task = ...)
-            found = {actions[name].dest: (value, where)}  # an alias counts as its flag
-        elif name == "criterion" and "loss" in actions and isinstance(value, list):
+        if mapping.flag_key(name, value, where):  # a table may share a flag's name ([task] task = ...)
+            continue
+        if name == "criterion" and isinstance(value, list):
             # [[criterion]] tables (type = NAME, weight = W) spell the --loss list the way other trainers do
-            found = {"loss": (loss_specs_from_tables(value, f"'{where}' in {path}"), where)}
+            schema_toml.read_criterion(mapping, lambda _: (value, where))
         elif isinstance(value, dict):
-            found = flatten(value, actions, path, where + ".")
+            flatten(value, mapping, where + ".")
         else:
-            raise UserError(unknown_key(name, actions, path, where))
-        for name, item in found.items():
-            if name in out:
-                raise UserError(f"key '{name}' appears twice in {path} (as '{out[name][1]}' and '{item[1]}'); "
-                                f"expected each flag once")
-            out[name] = item
-    return out
+            raise UserError(unknown_key(name, mapping.actions, mapping.path, where))
 
 
 def unknown_key(key, actions, source, where=None):
@@ -184,6 +191,10 @@ def convert(action, value, name, from_text=False):
 
 
 def convert_one(action, value, name):
+    if getattr(action.type, "table", False):
+        if not isinstance(value, dict):
+            raise UserError(f"{name}: {value!r} is not a table; expected e.g. {{width = 32}}")
+        return value
     if isinstance(value, (bool, list, dict)):
         raise UserError(f"{name}: {value!r} is not a single {getattr(action.type, '__name__', 'string')}")
     try:
@@ -193,27 +204,6 @@ def convert_one(action, value, name):
     if action.choices is not None and out not in action.choices:
         raise UserError(f"{name}: {out!r} is not one of {', '.join(map(str, action.choices))}")
     return out
-
-
-def loss_specs_from_tables(tables, where):
-    """A config file's `[[criterion]]` list, [{"type": "dice", "weight": 0.5}, ...], as --loss specs ["dice:0.5"].
-
-    `where` names the key and file for error messages, e.g. "'criterion' in my_run.toml".
-    """
-    expected = "expected [[criterion]] tables with type = NAME and optionally weight = NUMBER"
-    if not isinstance(tables, list) or not tables:
-        raise UserError(f"{where}: {tables!r} is not a list of tables; {expected}")
-    specs = []
-    for i, table in enumerate(tables, 1):
-        if not isinstance(table, dict) or set(table) - {"type", "weight"}:
-            raise UserError(f"{where}, entry {i}: {table!r} has other keys than type and weight; {expected}")
-        name, weight = table.get("type"), table.get("weight", 1.0)
-        if not isinstance(name, str) or not name or ":" in name:
-            raise UserError(f"{where}, entry {i}: type {name!r} is not a loss name; {expected}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise UserError(f"{where}, entry {i}: weight {weight!r} is not a number; {expected}")
-        specs.append(f"{name}:{float(weight)!r}")
-    return specs
 
 
 def to_toml(args, parser):

@@ -6,13 +6,13 @@ from core import config, distributed
 from utils import RunError
 
 
-def run_entry(main, parser, argv=None, saved_settings=None, task_defaults=None):
+def run_entry(main, parser, argv=None, saved_settings=None, task_defaults=None, cfg=None):
     """Parse flags (config file, --set, command line) and run `main(args)`.
 
     A RunError (UserError: exit code 2) becomes one line on stderr and its exit code.
     """
     try:
-        args = config.parse_args(parser, argv, saved_settings, task_defaults)
+        args = config.parse_args(parser, argv, saved_settings, task_defaults, cfg)
         if args.print_config:
             print(config.to_toml(args, parser), end="")
             return

@@ -5,6 +5,7 @@ A registry is a plain dict with a decorator in front of it, so a stack trace thr
 import difflib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -25,6 +26,7 @@ class Registry:
     def __init__(self, kind):
         self.kind = kind
         self._builders = {}
+        self._from_kwargs = set()
 
     def register(self, name, *aliases):
         """Decorator: make the decorated function or class available under `name` (and its aliases)."""
@@ -37,6 +39,30 @@ class Registry:
             return builder
         return add
 
+    def register_module(self, name=None):
+        """Class decorator in seed 001's style: `@MODELS.register_module()` registers the class under its own name
+        (or `name`); it is built with the keyword arguments a config gives it (see `build`)."""
+        def add(cls):
+            key = name or cls.__name__
+            self.register(key)(cls)
+            self._from_kwargs.add(key)
+            return cls
+        return add
+
+    def takes_kwargs(self, name):
+        """Whether `name` was registered with register_module (built from keyword arguments, not from the flags)."""
+        return name in self._from_kwargs
+
+    def build(self, name, kwargs, where):
+        """The component `name` built with `kwargs`; `where` names the flag or key that gave them."""
+        cls = self.get(name)
+        try:
+            inspect.signature(cls).bind(**kwargs)
+        except TypeError as e:
+            raise UserError(f"{where}: {self.kind} {name} does not take {kwargs!r} ({e}); expected the keyword "
+                            f"arguments of {name}.__init__") from None
+        return cls(**kwargs)
+
     def get(self, name):
         if name not in self._builders:
             hint = suggest(name, self._builders)
@@ -48,6 +74,14 @@ class Registry:
 
     def __contains__(self, name):
         return name in self._builders
+
+
+def check_no_kwargs(kwargs, where, what, allowed=()):
+    """A built-in component is configured by flags; keyword arguments are for registered classes only."""
+    extra = sorted(set(kwargs or {}) - set(allowed))
+    if extra:
+        raise UserError(f"{where}: {what} is built in and configured by flags, so {', '.join(extra)} is not read; "
+                        f"expected no such arguments, or a class registered with register_module()")
 
 
 _imported = {}  # the plugins imported so far, in order: absolute path of a .py file, or a module name

@@ -38,6 +38,14 @@ def add_checkpoint_args(group):
                        help="keep only the K newest epoch_XXX.pth files")
     group.add_argument("--recovery_interval", type=int, default=None, metavar="STEPS",
                        help="write recovery.pth every N optimizer steps inside an epoch, to resume mid-epoch")
+    group.add_argument("--recovery_period", type=float, default=None, metavar="EPOCHS",
+                       help="the same in epochs: 0.1 writes recovery.pth every tenth of an epoch")
+    group.add_argument("--save_period", type=float, default=None, metavar="EPOCHS",
+                       help="write last.pth every EPOCHS: a fraction (0.1) also writes it inside each epoch, a whole "
+                            "number N only after every Nth epoch (and the last); default every epoch")
+    group.add_argument("--no_save_best", action="store_true", help="do not write best.pth")
+    group.add_argument("--no_save_last", action="store_true",
+                       help="do not write last.pth (recovery.pth, if any, is then the only resume point)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +94,34 @@ def save_on_rank0(ctx, state, paths):
 
 def periodic_name(epoch):
     return f"epoch_{epoch:03d}.pth"
+
+
+def check_save_args(args):
+    """The checkpoint periods, checked before anything runs."""
+    if args.recovery_interval and args.recovery_period:
+        raise UserError(f"--recovery_interval {args.recovery_interval} and --recovery_period {args.recovery_period:g} "
+                        f"both set how often recovery.pth is written; expected one of them")
+    for name in ("recovery_period", "save_period"):
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and (value < 1 or float(value).is_integer())):
+            raise UserError(f"--{name} {value:g}: expected a fraction of an epoch in (0, 1) or a whole number of "
+                            f"epochs")
+    if args.no_save_last and args.save_period:
+        raise UserError("--save_period says how often last.pth is written, and --no_save_last not to write it; "
+                        "expected one of them")
+
+
+def steps_every(period, steps_per_epoch):
+    """Optimizer steps between writes for a period in epochs (a fraction of an epoch is rounded, at least 1)."""
+    return max(1, round(period * steps_per_epoch)) if period else None
+
+
+def saved_at_epoch_end(args, epoch, last_epoch):
+    """The files written after `epoch` (1-based), besides best.pth: last.pth and any epoch_XXX.pth."""
+    period = args.save_period
+    last = not args.no_save_last and (not period or period < 1 or epoch % int(period) == 0 or epoch == last_epoch)
+    periodic = args.save_interval and epoch % args.save_interval == 0
+    return ([LAST] if last else []) + ([periodic_name(epoch)] if periodic else [])
 
 
 def prune_periodic(logdir, keep_last):

@@ -28,6 +28,7 @@ def add_monitor_args(parser):
                    help="seconds between GPU utilisation/memory/temperature/power samples (0: off)")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (pip install wandb)")
     g.add_argument("--wandb_project", default="ailab")
+    g.add_argument("--wandb_entity", default=None, help="W&B team or user the run belongs to")
     g.add_argument("--wandb_mode", default="offline", choices=["online", "offline", "disabled"],
                    help="offline (default) never needs the network; `wandb sync` uploads later")
     return g
@@ -107,7 +108,7 @@ def start_wandb(args):
     except ImportError:
         log.warning("--wandb: the wandb package is not installed (pip install wandb); continuing without it")
         return None
-    return wandb.init(project=args.wandb_project, mode=args.wandb_mode, dir=args.logdir,
+    return wandb.init(project=args.wandb_project, entity=args.wandb_entity, mode=args.wandb_mode, dir=args.logdir,
                       config={k: v for k, v in vars(args).items()}, name=os.path.basename(args.logdir))
 
 

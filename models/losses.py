@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.registry import Registry
+from core.registry import Registry, check_no_kwargs
 from utils import IGNORE_INDEX, UserError
 
 LOSSES = Registry("loss")
@@ -138,6 +138,8 @@ class Criterion(nn.Module):
     def __init__(self, terms):
         super().__init__()
         self.terms = terms  # list of (name, weight, function)
+        # A registered loss class is a module: keep it in the tree, so that .to(device) moves its buffers.
+        self.classes = nn.ModuleList([fn for _, _, fn in terms if isinstance(fn, nn.Module)])
 
     def forward(self, logits, target):
         values = {name: fn(logits, target) for name, _, fn in self.terms}
@@ -161,5 +163,10 @@ def build_criterion(args):
         name, weight = parse_loss_spec(spec)
         if any(name == t[0] for t in terms):
             raise UserError(f"--loss names '{name}' twice; expected each loss once")
+        kwargs = (getattr(args, "loss_kwargs", None) or {}).get(name, {})
+        if LOSSES.takes_kwargs(name):  # a class registered with LOSSES.register_module(), built from --loss_kwargs
+            terms.append((name, weight, LOSSES.build(name, kwargs, f"--loss_kwargs {name}")))
+            continue
+        check_no_kwargs(kwargs, f"--loss_kwargs {name}", f"loss {name}")
         terms.append((name, weight, LOSSES.get(name)(args)))
     return Criterion(terms)

@@ -1,6 +1,7 @@
 """The model registry: `--model_type` name -> builder(args) -> nn.Module, the model flags, and rebuilding a model
 from a checkpoint (tasks.load_from_checkpoint)."""
-from core.registry import Registry
+from core.config import json_table
+from core.registry import Registry, check_no_kwargs
 
 MODELS = Registry("model")
 register_model = MODELS.register
@@ -16,7 +17,12 @@ def describe_model(model, args):
 
 
 def build_model(args):
-    """Build the model named by args.model_type; builders read args.layers, numclasses, output_stride, head_channels."""
+    """Build the model named by args.model_type; builders read args.layers, numclasses, output_stride, head_channels.
+    A model registered with MODELS.register_module() is built from --model_kwargs instead."""
+    kwargs = getattr(args, "model_kwargs", None) or {}
+    if MODELS.takes_kwargs(args.model_type):
+        return MODELS.build(args.model_type, kwargs, "--model_kwargs")
+    check_no_kwargs(kwargs, "--model_kwargs", f"model {args.model_type}", allowed={"num_classes"})
     return MODELS.get(args.model_type)(args)
 
 
@@ -34,6 +40,10 @@ def add_model_args(parser, training=True):
     g.add_argument("--output_stride", type=int, default=default(16), choices=[8, 16],
                    help="stride of the DeepLab models' dilated deep features; unet and unet_plain ignore it "
                    "(their encoder strides are fixed)")
+    if training:
+        g.add_argument("--model_kwargs", type=json_table, default=None, metavar="JSON",
+                       help="keyword arguments of a model registered with MODELS.register_module(), e.g. "
+                            "'{\"width\": 32}' (a table in a config file)")
     g.add_argument("--head_channels", type=int, default=default(128),
                    help="width of the ASPP and decoder convolutions; the UNets' decoder stages are 2x, 1x, 1/2 and "
                    "1/4 of it wide, deepest first, and unet_plain's encoder starts at 1/4 of it")

@@ -3,6 +3,8 @@ infer.py write, what TensorBoard shows). The entry scripts ask the task for thes
 
 A task is a class with the methods of tasks/segmentation.py's SegmentationTask; `get_task(name)` gives an instance.
 """
+import argparse
+
 from core.registry import import_plugins, suggest
 from tasks.base import trained_args
 from tasks.classification import ClassificationTask
@@ -23,12 +25,25 @@ def get_task(name):
 def add_task_args(parser):
     """--task, and every task's own training flags (each in its own --help group)."""
     g = parser.add_argument_group("task")
-    g.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS),
+    g.add_argument("--task", default=DEFAULT_TASK, type=task_name, metavar="{" + ",".join(sorted(TASKS)) + "}",
                    help="what to train; flags the task does not use are ignored, and the task sets the defaults "
                         "that differ (model, epochs, LR, ...) unless a flag or config file gives them")
     for task in TASKS.values():
         for group in task.add_train_args(parser):
             group.task = task.name  # config.to_toml leaves out the flags of the tasks a run does not do
+
+
+def task_name(value):
+    """--task's type: a task, with a pointer to main.py for seed 002's train/test/predict."""
+    if value in ("train", "test", "predict"):
+        raise argparse.ArgumentTypeError(f"{value!r} is an action of main.py (seed 002: main.py --task "
+                                         f"train|test|predict); here --task picks the kind of model: "
+                                         f"{' or '.join(sorted(TASKS))}")
+    if value not in TASKS:
+        hint = suggest(value, TASKS)
+        raise argparse.ArgumentTypeError(f"{value!r} is unknown; {hint + ' ' if hint else ''}expected one of "
+                                         f"{', '.join(sorted(TASKS))}")
+    return value
 
 
 def task_defaults(args):

@@ -10,7 +10,11 @@ log line, summary.csv, TensorBoard, events.jsonl and metrics.json without anothe
 import argparse
 import logging
 
+from utils import UserError
+
 log = logging.getLogger("ailab")
+# Names other trainers give the headline metrics (seed 002's `metrics`); "accuracy" is the task's own.
+METRIC_ALIASES = {"precision": "macro_precision", "recall": "macro_recall", "f1": "macro_f1", "iou": "miou"}
 
 
 def scalars(metrics):
@@ -28,6 +32,22 @@ def per_class(metrics, class_names):
 def headline(metrics, labels):
     """'mIoU 0.6480, pixel acc 0.9123, ...': the scalars the task labels for log lines (the records have them all)."""
     return ", ".join(f"{labels[k]} {v:.4f}" for k, v in scalars(metrics).items() if k in labels)
+
+
+def shown_metrics(names, task, args):
+    """{metric: label} of the epoch log line: --metrics (checked against the task's metrics), else the task's."""
+    if not names:
+        return task.labels
+    known = list(task.metric_names(args))
+    shown = {}
+    for name in names:
+        key = task.accuracy if name == "accuracy" else METRIC_ALIASES.get(name, name)
+        if key not in known:
+            raise UserError(f"--metrics {name!r} is not a {task.name} metric; expected accuracy, "
+                            f"{', '.join(k for k in METRIC_ALIASES if METRIC_ALIASES[k] in known)} or one of "
+                            f"{', '.join(known)}")
+        shown[key] = task.labels.get(key, key.replace("_", " "))
+    return shown
 
 
 def record_scalars(metrics, class_names, prefix="val"):

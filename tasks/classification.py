@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from core.distributed import barrier, gather_objects
-from core.registry import Registry
+from core.registry import Registry, check_no_kwargs
 from data import cls_transforms, digits, folder
 from data.mixing import MixCollate, MixedCriterion
 from evaluation import inference
 from evaluation.metrics import ClassificationMetrics
 from models import classifiers
 from models.losses import build_criterion
+from models.registry import MODELS, build_model
 from tasks.segmentation import denormalize
 from utils import UserError, write_atomic
 
@@ -32,6 +33,7 @@ SPLIT_FILE = "split.json"
 
 class ClassificationTask:
     name = "classification"
+    accuracy = "top1"  # what "accuracy" means in --metrics
     primary = "top1"
     labels = {**{f"top{k}": f"top-{k}" for k in range(1, 21)}, "macro_f1": "macro F1", "raw_top1": "raw weights top-1"}
     datasets = DATASETS
@@ -120,6 +122,10 @@ class ClassificationTask:
     # -- model, loss, metric ------------------------------------------------------------------------
     @staticmethod
     def build_model(args):
+        if MODELS.takes_kwargs(args.model_type):  # a class registered with MODELS.register_module() (seed 001)
+            return build_model(args)
+        check_no_kwargs(getattr(args, "model_kwargs", None), "--model_kwargs", f"model {args.model_type}",
+                        allowed={"num_classes"})
         if args.model_type in CLASSIFIERS:
             return CLASSIFIERS.get(args.model_type)(args)
         arch = classifiers.resolve_arch(args.model_type, args.layers)
@@ -127,6 +133,8 @@ class ClassificationTask:
 
     @staticmethod
     def describe_model(model, args):
+        if MODELS.takes_kwargs(args.model_type):
+            return f"{args.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
         arch = args.model_type if args.model_type in CLASSIFIERS else classifiers.resolve_arch(args.model_type,
                                                                                                 args.layers)
         small = arch in classifiers.classifier_names() and classifiers.uses_small_stem(arch, args.stem,

@@ -20,6 +20,7 @@ from tasks.base import log
 
 class SegmentationTask:
     name = "segmentation"
+    accuracy = "acc"  # what "accuracy" means in --metrics
     primary = "miou"
     labels = {"miou": "mIoU", "acc": "pixel acc", "mean_class_acc": "mean class acc", "fwiou": "fwIoU",
               "raw_miou": "raw weights mIoU"}

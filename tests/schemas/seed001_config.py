@@ -1,0 +1,51 @@
+# Seed 001's config.py, as its document writes it, with the placeholders ("other arguments") filled in for the
+# classes in seed001_train.py. tests/test_schemas.py trains from it under torchrun with 2 processes.
+cfg = dict(
+    seed=42,
+    work_dir="./work_dir",
+    dist=dict(
+        backend="nccl",
+        init_method="env://",
+    ),
+    model=dict(
+        type="MyModel",
+        num_classes=3,
+        width=8,
+    ),
+    data=dict(
+        train=dict(
+            type="MyDataset",
+            size=192,
+            seed=0,
+        ),
+        val=dict(
+            type="MyDataset",
+            size=48,
+            seed=1,
+        ),
+        train_dataloader=dict(
+            batch_size=16,
+            num_workers=1,
+        ),
+        val_dataloader=dict(
+            batch_size=16,
+            num_workers=1,
+        ),
+    ),
+    loss=dict(
+        type="MyLoss",
+        scale=1.0,
+    ),
+    optimizer=dict(
+        type="Adam",
+        lr=0.01,
+    ),
+    total_epochs=5,
+    hooks=dict(
+        logger=dict(
+            type="LoggerHook",
+            interval=2,
+            log_dir="./logs",
+        ),
+    ),
+)
