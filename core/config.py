@@ -11,7 +11,7 @@ import sys
 import tomli_w
 import yaml
 
-from core import schema_cfg, schema_toml
+from core import schema_cfg, schema_print, schema_toml
 from core.registry import suggest
 from core.schemas import Mapping, detect, loss_specs_from_tables, read_config  # noqa: F401 - re-exported
 from utils import UserError, write_atomic
@@ -63,7 +63,9 @@ def add_config_args(parser):
                    help="TOML, YAML or JSON file whose keys are flag names; flags on the command line win")
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override keys as in a config file, e.g. --set lr=0.02 scale_range=[0.5,2]")
-    g.add_argument("--print_config", action="store_true", help="print the resolved configuration as TOML and exit")
+    g.add_argument("--print_config", nargs="?", const="flags", default=None, choices=["flags", "002"],
+                   help="print the resolved configuration as TOML and exit: as flag names (the default), or in seed "
+                        "002's schema (train.py)")
 
 
 def flag_actions(parser):
@@ -95,9 +97,10 @@ def parse_args(parser, argv=None, saved_settings=None, task_defaults=None, cfg=N
         raise UserError(f"--config {known.config}: this run's configuration is the cfg dict it was started with; "
                         f"expected no --config (flags and --set still apply)")
     source = known.config or ("the cfg dict" if cfg is not None else None)
-    if source:
-        for key, (value, where) in file_flags(source, actions, getattr(parser, "entry", "train"), cfg).items():
-            values[key] = convert(actions[key], value, f"'{where}' in {source}")
+    file_values = file_flags(source, actions, getattr(parser, "entry", "train"), cfg) if source else {}
+    from_file = {}
+    for key, (value, where) in file_values.items():
+        values[key] = from_file[key] = convert(actions[key], value, f"'{where}' in {source}")
     for item in known.set:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -124,6 +127,9 @@ def parse_args(parser, argv=None, saved_settings=None, task_defaults=None, cfg=N
         parser.set_defaults(**saved)
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
+    # Where each setting that a file gave (and the command line did not change) came from, for error messages.
+    args.config_sources = {k: f"'{where}' in {source}" for k, (_, where) in file_values.items()
+                           if values.get(k) is from_file[k] and getattr(args, k, None) == from_file[k]}
     return args
 
 
@@ -160,6 +166,11 @@ def unknown_key(key, actions, source, where=None):
     if key in META:
         return f"'{key}' cannot be set in {source}; give it on the command line"
     hint = suggest(key, actions, SYNONYMS) or "see --help for the flag names"
+    for name, schema in SCHEMAS.items():  # a key of a document's schema, used in a file of flag names
+        paths = [p for p in schema.KEYS if p.split(".")[-1] == key]
+        if paths:
+            hint += f" ('{key}' is seed {name}'s '{paths[0]}', read as such in a file of that schema)"
+            break
     return f"unknown key '{where or key}' in {source}; {hint}"
 
 
@@ -206,9 +217,9 @@ def convert_one(action, value, name):
     return out
 
 
-def to_toml(args, parser):
-    """The resolved flags as TOML, one table per --help group; unset (None) flags and the groups of the tasks this
-    run does not do (a group tagged with `.task`) are left out."""
+def resolved_tables(args, parser):
+    """{--help group: {flag: value}} of the resolved flags; unset (None) flags and the groups of the tasks this run
+    does not do (a group tagged with `.task`) are left out."""
     tables = {}
     for group in parser._action_groups:
         if getattr(group, "task", None) not in (None, getattr(args, "task", None)):
@@ -220,7 +231,22 @@ def to_toml(args, parser):
                 table[action.dest] = list(value) if isinstance(value, tuple) else value
         if table:
             tables[group.title] = table
-    return tomli_w.dumps(tables)
+    return tables
+
+
+def to_toml(args, parser):
+    """The resolved flags as TOML, one table per --help group."""
+    return tomli_w.dumps(resolved_tables(args, parser))
+
+
+def render(args, parser, form):
+    """--print_config: the resolved flags as flag names, or in seed 002's schema (training's flags only)."""
+    if form == "002":
+        if getattr(parser, "entry", "train") != "train":
+            raise UserError("--print_config 002: seed 002's schema describes training; expected --print_config here")
+        flags = {k: v for table in resolved_tables(args, parser).values() for k, v in table.items()}
+        return tomli_w.dumps(schema_print.from_flags(flags))
+    return to_toml(args, parser)
 
 
 def write_config(config_text, path):

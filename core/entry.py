@@ -14,7 +14,7 @@ def run_entry(main, parser, argv=None, saved_settings=None, task_defaults=None, 
     try:
         args = config.parse_args(parser, argv, saved_settings, task_defaults, cfg)
         if args.print_config:
-            print(config.to_toml(args, parser), end="")
+            print(config.render(args, parser, args.print_config), end="")
             return
         main(args)
     except RunError as e:

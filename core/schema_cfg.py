@@ -41,7 +41,8 @@ HOOK_TYPES = {"logger": "LoggerHook", "checkpoint": "CheckpointHook", "tensorboa
 
 
 def handled(where):
-    return any(where == k or (k.endswith(".*") and where.startswith(k[:-1])) for k in HANDLED)
+    return (any(where == k or (k.endswith(".*") and where.startswith(k[:-1])) for k in HANDLED)
+            or where in {f"hooks.{hook}" for hook in HOOK_TYPES})  # an empty hook: dict() turns it on as it is
 
 
 def translate(cfg, m):
@@ -90,13 +91,15 @@ def read_components(m, cfg):
     if "train" in data:
         name, kwargs = component(m, data["train"], "data.train")
         m.set("dataset", name, "data.train.type")
-        m.set("dataset_kwargs", kwargs, "data.train")
+        if kwargs:
+            m.set("dataset_kwargs", kwargs, "data.train")
         if "val" in data:
             val_name, val_kwargs = component(m, data["val"], "data.val")
             if val_name != name:
                 m.fail("data.val.type", f"{val_name!r} differs from data.train's {name!r}; expected one dataset "
                                         f"type with its own arguments per split")
-            m.set("val_dataset_kwargs", val_kwargs, "data.val")
+            if val_kwargs:
+                m.set("val_dataset_kwargs", val_kwargs, "data.val")
     loaders = {k: data.get(f"{k}_dataloader") or {} for k in ("train", "val")}
     if loaders["train"].get("shuffle") is False:
         m.fail("data.train_dataloader.shuffle", "training batches are always shuffled; expected true")

@@ -61,11 +61,9 @@ def translate(table, m):
     """Fill the Mapping `m` from a seed-002 table."""
     train = m.entry == "train"
     for where, value in walk(table):
-        if where in COMMON_RENAMES:
-            m.set(COMMON_RENAMES[where], value, where)
-        elif where in TRAIN_RENAMES:
-            if train and value != "":  # an empty string is the schema's "not set" (run_id = "")
-                m.set(TRAIN_RENAMES[where], value, where)
+        if where in COMMON_RENAMES or where in TRAIN_RENAMES:
+            if value != "" and (train or where in COMMON_RENAMES):  # "" is the schema's "not set" (run_id = "")
+                m.set({**COMMON_RENAMES, **TRAIN_RENAMES}[where], value, where)
         elif where in HANDLED or where.startswith(("transform.", "dataset.config.")):
             continue  # read below, in context
         elif not m.flag_key(where.split(".")[-1], value, where) and train:
@@ -212,8 +210,8 @@ def read_transform(m, get, task):
     for flag, value in off.items():
         if flag not in m.flags:
             m.set(flag, value, f"{where} (left out)")
-    if task != "segmentation":  # RESIZE (or no size at all) means the whole image, not a random crop
-        m.set("train_crop", "resize", where)
+    if task != "segmentation" and "train_crop" not in m.flags:  # the schema has no random crop: RESIZE resizes
+        m.set("train_crop", "resize", where)                      # the whole image unless a flag says otherwise
 
 
 def read_data(m, get):
