@@ -29,13 +29,6 @@ def scaled_lr(args, world_size):
 # Logging, seeding, entry points
 # ----------------------------------------------------------------------------------------------
 
-def given_as(args, flag):
-    """'--world_size 3' or, when a config file set it, "'dist.world_size' in configs/train.yaml (--world_size 3)"."""
-    text = f"--{flag} {getattr(args, flag)}"
-    where = getattr(args, "config_sources", {}).get(flag)
-    return f"{where} ({text})" if where else text
-
-
 def setup_logging(ctx, logfile=None, level="INFO", line_format=None):
     """Rank 0 logs `level` to stdout (and `logfile`); other ranks log only warnings and errors, tagged."""
     log = logging.getLogger("ailab")

@@ -128,9 +128,19 @@ def parse_args(parser, argv=None, saved_settings=None, task_defaults=None, cfg=N
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     # Where each setting that a file gave (and the command line did not change) came from, for error messages.
-    args.config_sources = {k: f"'{where}' in {source}" for k, (_, where) in file_values.items()
-                           if values.get(k) is from_file[k] and getattr(args, k, None) == from_file[k]}
+    _sources.clear()
+    _sources.update({k: f"'{where}' in {source}" for k, (_, where) in file_values.items()
+                     if values.get(k) is from_file[k] and getattr(args, k, None) == from_file[k]})
     return args
+
+
+_sources = {}  # flag -> "'dist.world_size' in configs/train.yaml", from the last parse_args
+
+
+def given_as(args, flag):
+    """'--world_size 3' or, when a config file set it, "'dist.world_size' in configs/train.yaml (--world_size 3)"."""
+    text = f"--{flag} {getattr(args, flag)}"
+    return f"{_sources[flag]} ({text})" if flag in _sources else text
 
 
 def file_flags(path, actions, entry, table=None):
@@ -168,8 +178,10 @@ def unknown_key(key, actions, source, where=None):
     hint = suggest(key, actions, SYNONYMS) or "see --help for the flag names"
     for name, schema in SCHEMAS.items():  # a key of a document's schema, used in a file of flag names
         paths = [p for p in schema.KEYS if p.split(".")[-1] == key]
-        if paths:
-            hint += f" ('{key}' is seed {name}'s '{paths[0]}', read as such in a file of that schema)"
+        close = suggest(where or key, [p for p in schema.KEYS if "*" not in p])
+        if paths or close:
+            hint += (f" ('{key}' is seed {name}'s '{paths[0]}', read as such in a file of that schema)" if paths else
+                     f" (or, in seed {name}'s schema, {close.removeprefix('did you mean ')})")
             break
     return f"unknown key '{where or key}' in {source}; {hint}"
 

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from utils import RunError, UserError, first_line, given_as
+from core import config
+from utils import RunError, UserError, first_line
 
 # Launchers and the variables they set: (rank, world size, local rank, local world size), in the order they are
 # looked for. torchrun and torch.distributed.launch first: they may run inside an MPI or SLURM job. MPI before
@@ -130,7 +131,7 @@ def init_distributed(args):
     found = launcher_env(args)
     launcher, rank, world, local, local_world = found or ("", 0, 1, args.local_rank or 0, 1)
     if args.world_size is not None and args.world_size != world:
-        raise UserError(f"{given_as(args, 'world_size')} does not match the {world} process(es) "
+        raise UserError(f"{config.given_as(args, 'world_size')} does not match the {world} process(es) "
                         f"that the environment ({launcher or 'no launcher'}) describes")
     joining = found is not None and (args.distributed or world > 1)
     device = pick_device(args.device, local, local_world, joining)

@@ -48,7 +48,7 @@ def handled(where):
 def translate(cfg, m):
     """Fill the Mapping `m` from a seed-001 cfg dict (test.py and infer.py take only what they share)."""
     train = m.entry == "train"
-    for where, value in walk(cfg):
+    for where, value in walk(cfg, m):
         if where in RENAMES:
             m.set(RENAMES[where], value, where)
         elif handled(where):
@@ -130,6 +130,8 @@ def read_loss(m, spec):
     options = {"ce": {"weight": "class_weights", "label_smoothing": "label_smoothing"},
                "focal": {"gamma": "focal_gamma"}}.get(builtin, {})
     for key, value in kwargs.items():
+        if value is None:
+            continue  # weight=None: not given
         if key == "reduction" and value == "mean":
             continue  # the suite's losses are means (over labelled pixels); "mean" is what they do
         if key == "ignore_index" and value == 255:

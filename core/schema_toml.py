@@ -60,7 +60,7 @@ MARKERS = KEYS - {"task", "criterion", "transform.*", "dataset.config.*"} | {
 def translate(table, m):
     """Fill the Mapping `m` from a seed-002 table."""
     train = m.entry == "train"
-    for where, value in walk(table):
+    for where, value in walk(table, m):
         if where in COMMON_RENAMES or where in TRAIN_RENAMES:
             if value != "" and (train or where in COMMON_RENAMES):  # "" is the schema's "not set" (run_id = "")
                 m.set({**COMMON_RENAMES, **TRAIN_RENAMES}[where], value, where)

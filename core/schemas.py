@@ -39,6 +39,10 @@ class Mapping:
                             f"expected each flag once")
         self.flags[flag] = (value, where)
 
+    def takes_table(self, key):
+        action = self.actions.get(str(key))
+        return bool(action and getattr(action.type, "table", False))
+
     def fail(self, where, message):
         raise UserError(f"'{where}' in {self.path}: {message}")
 
@@ -51,12 +55,13 @@ class Mapping:
         return False
 
 
-def walk(table, prefix=""):
-    """(dotted path, value) of every leaf; a list of tables ([[criterion]]) is a leaf."""
+def walk(table, mapping=None, prefix=""):
+    """(dotted path, value) of every leaf; a list of tables ([[criterion]]) and the table of a flag that takes one
+    (--model_kwargs) are leaves."""
     for key, value in table.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            yield from walk(value, path + ".")
+        if isinstance(value, dict) and value and not (mapping and mapping.takes_table(key)):
+            yield from walk(value, mapping, path + ".")
         else:
             yield path, value
 

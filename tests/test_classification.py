@@ -282,7 +282,7 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, kind):
 
 def test_config_file_sets_the_task_and_flags_still_win(tmp_path):
     proc = run(["train.py", "--config", "configs/ddp_quick_test.toml", "--print_config"], tmp_path)
-    assert 'task = "classification"' in proc.stdout and 'model_type = "resnet"' in proc.stdout
+    assert 'task = "classification"' in proc.stdout and 'model_type = "resnet18"' in proc.stdout
     proc = run(["train.py", "--config", "configs/ddp_quick_test.toml", "--task", "segmentation", "--print_config"],
                tmp_path)
     assert 'task = "segmentation"' in proc.stdout
@@ -352,7 +352,7 @@ def test_shipped_classification_configs_run(tmp_path, cls_data, name, nproc):
     args = ["train.py", "--config", os.path.join("configs", name), "--dataset_path", cls_data, *SPLIT,
             "--epochs", "1", "--limit_batches", "2", "--workers", "0", "--batchsize", "4", "--logdir", str(tmp_path / "run")]
     if name == "ddp_example.toml":
-        args += ["--layers", "18", "--image_size", "32", "--val_resize", "36"]
+        args += ["--model_type", "resnet18", "--image_size", "32", "--val_resize", "36"]
     proc = run(args, tmp_path) if nproc == 1 else torchrun(nproc, args, tmp_path=tmp_path)
     assert f"{nproc} process(es)" in proc.stdout and "val top-1" in proc.stdout
     ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
