@@ -162,7 +162,8 @@ def main(args):
     if args.classes and args.numclasses is None:
         args.numclasses = len(args.classes)
     if components.is_component(args.dataset):  # a class registered with DATASETS.register_module() (seed 001)
-        root, ((train_set, val_set), class_names) = f"{args.dataset} {args.dataset_kwargs or {}}", components.prepare(args)
+        (train_set, val_set), class_names = components.prepare(args)
+        root = f"{args.dataset}({args.dataset_kwargs or {}})"
     else:
         root, class_names = task.prepare_data(args, ctx)
         train_set, val_set = task.build_datasets(args, root)

@@ -13,13 +13,13 @@ import yaml
 
 from core import schema_cfg, schema_print, schema_toml
 from core.registry import suggest
-from core.schemas import Mapping, detect, loss_specs_from_tables, read_config  # noqa: F401 - re-exported
+from core.schemas import Mapping, detect, read_config
 from utils import UserError, write_atomic
 
 # Flags that steer the parsing itself, or name this process, and so never come from or go to a file.
 META = {"help", "config", "set", "print_config", "local_rank"}
 # Resolved, but left out of a saved config so that re-running it starts a new run.
-NOT_SAVED = META | {"logdir", "resume"}
+NOT_SAVED = META | {"logdir", "resume", "run_id"}
 # Names people bring from other trainers, mapped to ours for the "did you mean" hint.
 SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "batch_size": "batchsize", "num_workers": "workers",
             "num_classes": "numclasses", "n_classes": "numclasses", "max_epochs": "epochs", "depth": "layers",

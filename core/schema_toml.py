@@ -102,7 +102,9 @@ def read_task(m, get):
                        f"keys); to train {run_name}, set postprocess = \"{run_name}\"")
     if value is not None:
         m.set("task", check_task_name(m, value, where, "postprocess the suite has (the kind of model trained)"), where)
-    return value
+    elif "task" not in m.flags:  # the schema's examples are classification; postprocess (or --task) says otherwise
+        m.set("task", "classification", "(seed 002's schema)")
+    return m.flags["task"][0]
 
 
 def read_model(m, get, task):

@@ -22,7 +22,7 @@ def test_vscode_launch_entries():
     torchrun = [c for c in configs.values() if c.get("module") == "torch.distributed.run"]
     assert torchrun and "--nproc_per_node=2" in torchrun[0]["args"] and "train.py" in torchrun[0]["args"]
     programs = {os.path.basename(c.get("program", "")) for c in configs.values()}
-    assert {"train.py", "test.py", "infer.py"} <= programs
+    assert {"train.py", "test.py", "infer.py", "main.py"} <= programs
 
 
 def test_debug_ddp_entry_runs_a_process_group_of_one(tmp_path, tiny_data):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import losses as losses
-from core.config import loss_specs_from_tables
+from core.schemas import loss_specs_from_tables
 from models.losses import LOSSES, build_criterion
 from utils import UserError
 

@@ -76,6 +76,16 @@ def test_seed002_every_key_resolves_to_its_documented_meaning(tmp_path):
     assert config.given_as(a, "epochs") == f"'train.epoch' in {tmp_path / 'seed002.toml'} (--epochs 100)"
 
 
+def test_seed002_trains_a_classifier_unless_postprocess_says_otherwise(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nbatch_size = 8\n')
+    assert parse(["--config", str(path)]).task == "classification"
+    path.write_text('postprocess = "segmentation"\n[train]\nbatch_size = 8\n[transform]\nHFLIP = [0.25]\n')
+    a = parse(["--config", str(path)])
+    assert (a.task, a.hflip_prob, a.batchsize) == ("segmentation", 0.25, 8)
+    assert parse(["--config", str(path), "--task", "classification"]).task == "classification"  # the flag wins
+
+
 def test_seed002_test_and_predict_take_their_sections_and_skip_training(tmp_path):
     path = seed002_example(tmp_path)
     t = parse(["--config", path, "--checkpoint", "x.pth"], entry("test"))
@@ -316,6 +326,16 @@ def test_seed001_example_trains_under_torchrun_with_its_own_model_dataset_and_lo
 # ----------------------------------------------------------------------------------------------
 # Seed 000: configs/train.yaml and dist
 # ----------------------------------------------------------------------------------------------
+
+def test_seed000_dist_fragment_resolves(tmp_path):
+    path = tmp_path / "train.yaml"  # the document's dist table, with its example values
+    path.write_text("dist:\n  backend: nccl\n  world_size: 1\n  init_method: env://\n")
+    a = parse(["--config", str(path)])
+    assert (a.dist_backend, a.world_size, a.dist_url) == ("nccl", 1, "env://")
+    path.write_text("dist:\n  backend: nccl\n  world_size: one\n")
+    with pytest.raises(UserError, match=f"'dist.world_size' in {path}: 'one' is not a valid int"):
+        parse(["--config", str(path)])
+
 
 def test_seed000_dist_world_size_must_match_and_tcp_init_works(tmp_path, cls_data):  # noqa: F811
     text = open(os.path.join(ROOT, "configs", "train.yaml")).read()
