@@ -306,16 +306,14 @@ def read_test_and_predict(m, get, table):
         value, where = get("predict.config.save_images")
         if value is not None:
             m.set("save_overlay", bool(value), where)
-    if m.entry != "train" and "checkpoint" in m.actions:
-        latest = latest_run(get("output_dir")[0] or "runs", table.get("task"), table.get("run_id"))
-        if latest:
-            m.set("checkpoint", latest, "output_dir, task and run_id (the newest run's best.pth)")
+    if m.entry != "train" and "checkpoint" in m.actions and table.get("task"):
+        m.set("checkpoint", latest_run(get("output_dir")[0] or "runs", table["task"], table.get("run_id")),
+              "output_dir, task and run_id (the newest run's best.pth)")
 
 
 def latest_run(output_dir, run_name, run_id):
-    """best.pth of the run OUTPUT_DIR/RUN_NAME-RUN_ID, or of the newest OUTPUT_DIR/RUN_NAME-* when run_id is empty."""
-    if not run_name:
-        return None
+    """best.pth of the run OUTPUT_DIR/RUN_NAME-RUN_ID, or of the newest OUTPUT_DIR/RUN_NAME-* when run_id is empty;
+    the pattern itself when there is none, so that the error names what was looked for."""
     pattern = os.path.join(output_dir, f"{run_name}-{run_id or '*'}", "best.pth")
     found = [p for p in glob.glob(pattern) if not os.path.islink(os.path.dirname(p))]
-    return max(found, key=os.path.getmtime) if found else None
+    return max(found, key=os.path.getmtime) if found else pattern
