@@ -49,7 +49,7 @@ class Mapping:
     def flag_key(self, key, value, where):
         """A flag name used inside a schema file."""
         name = str(key).replace("-", "_")
-        if name in self.actions and (not isinstance(value, dict) or getattr(self.actions[name].type, "table", False)):
+        if name in self.actions and (not isinstance(value, dict) or self.takes_table(name)):
             self.set(name, value, where)
             return True
         return False
