@@ -102,6 +102,56 @@ class LoRM(nn.Module):
         return total / max(count, 1)
 
 
+class PaperLoRM(nn.Module):
+    """LoRM as the method's public code computes it (--lorm paper), with its bugs fixed; forward -> scalar loss.
+
+    For image n with features x (C, h*w) and foreground mask m (h*w):
+        q = Wq x + bq,  k = Wk x + bk          1x1 convolutions C -> C with bias, Xavier-uniform weights, zero bias
+        A_ij = softmax_j(cos(q_i, k_j))         over all h*w key positions, no temperature
+        A_ij = 0 where query i is not foreground (its row of the output is 0)
+        out = gamma A x^T                      gamma: a learnable scalar, 1 at the start; x is not detached
+        loss = sum((x - out)^2) / (number of non-zero (x - out)^2), over the whole batch and every position
+    The foreground mask is the pseudo label's foreground (not background 0, not ignore) resized bilinearly with
+    align_corners=True to the feature size and taken where > 0: resizing the class-index map as the code does and
+    thresholding at 0 gives the same mask, because bilinear weights are non-negative.
+
+    Fixed here: ignore pixels are kept out of the foreground without writing to the caller's labels (the code sets
+    them to 0 in place); a zero-length query or key gives a cosine of 0 instead of NaN, and a batch whose squared
+    differences are all 0 gives 0 instead of 0/0; the channels come from the backbone (the code hard-codes 2048).
+    Background rows of `out` are 0, so the loss also pulls background features towards 0, as in the code.
+    """
+
+    def __init__(self, in_channels: int, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.in_channels = in_channels
+        self.ignore_index = ignore_index
+        self.query = nn.Conv2d(in_channels, in_channels, 1)
+        self.key = nn.Conv2d(in_channels, in_channels, 1)
+        for conv in (self.query, self.key):
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.gamma = nn.Parameter(torch.ones(1))
+
+    @torch.jit.unused
+    def forward(self, features: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = features.shape
+        if c != self.in_channels:
+            raise UserError(f"LoRM got features of shape {tuple(features.shape)}; expected (N, {self.in_channels}, h, w)")
+        pseudo = pseudo.to(features.device)
+        fg = ((pseudo != 0) & (pseudo != self.ignore_index)).to(torch.float32)[:, None]
+        fg = F.interpolate(fg, size=(h, w), mode="bilinear", align_corners=True).flatten(1) > 0  # (N, h*w)
+        q = F.normalize(self.query(features).flatten(2), dim=1)  # (N, C, h*w), unit length (0 stays 0)
+        k = F.normalize(self.key(features).flatten(2), dim=1)
+        attention = torch.bmm(q.transpose(1, 2), k).softmax(-1) * fg[:, :, None].to(q.dtype)  # (N, query, key)
+        x = features.flatten(2)
+        out = self.gamma * torch.bmm(x, attention.transpose(1, 2).to(x.dtype))  # (N, C, query)
+        squared = (x - out) ** 2
+        return squared.sum() / torch.count_nonzero(squared).clamp(min=1)
+
+
+LORM_STYLES = {"consensus": LoRM, "paper": PaperLoRM}
+
+
 class LoRMSegmentationModel(SegmentationModel):
     """A SegmentationModel (`.backbone`, `.head`) plus `.lorm` on the backbone's "out" features.
 
@@ -134,18 +184,21 @@ class LoRMSegmentationModel(SegmentationModel):
         return self.lorm(out, pseudo)
 
 
-def with_lorm(model):
-    """Add LoRM, sized from the backbone's `out_channels`, to a plain SegmentationModel."""
-    return LoRMSegmentationModel(model.backbone, model.head, LoRM(model.backbone.out_channels))
+def with_lorm(model, style="consensus"):
+    """Add LoRM (`style`: consensus, the suite's, or paper, the method's code), sized from the backbone's
+    `out_channels`, to a plain SegmentationModel."""
+    if style not in LORM_STYLES:
+        raise UserError(f"--lorm {style!r} is unknown; expected one of {', '.join(LORM_STYLES)}")
+    return LoRMSegmentationModel(model.backbone, model.head, LORM_STYLES[style](model.backbone.out_channels))
 
 
 @register_model("res50_ASPP_lorm")
 def build_deeplabv2_lorm(args):
     """DeepLabV2 (ASPP v2 with the same rates as res50_ASPP) + LoRM on the backbone's deep features."""
-    return with_lorm(build_deeplabv2(args))
+    return with_lorm(build_deeplabv2(args), getattr(args, "lorm", "consensus"))
 
 
 @register_model("deeplabv3p_lorm")
 def build_deeplabv3p_lorm(args):
     """DeepLabV3+ + LoRM on the backbone's deep features."""
-    return with_lorm(build_deeplabv3p(args))
+    return with_lorm(build_deeplabv3p(args), getattr(args, "lorm", "consensus"))

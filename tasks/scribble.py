@@ -30,6 +30,7 @@ from utils import UserError
 log = logging.getLogger("ailab")
 
 DEFAULT_LABEL_SMOOTH = 0.1
+ENTROPY_NORMS = ("weight", "paper")
 # The maps each training mode loads: target key -> the args attribute that names its folder under --dataset_path,
 # or FULL_MASKS for the dataset's own full labels (SegmentationClass/). "Full" trains the scribble term on the full
 # masks: the fully supervised upper bound of the same recipe.
@@ -90,10 +91,12 @@ def pseudo_ce(logits, pseudo, label_smooth=DEFAULT_LABEL_SMOOTH):
         / max(labels.numel(), 1)
 
 
-def weighted_entropy(logits, dist_map):
-    """sum_p w(p) H(softmax(logits(p))) / sum_p w(p), w = dist_map / 255; 0 when every weight is 0.
+def weighted_entropy(logits, dist_map, norm="weight"):
+    """sum_p w(p) H(softmax(logits(p))) / Z, w = dist_map / 255; 0 when every weight is 0.
 
-    Pixels of weight 0 are indexed out, so they take no part in the arithmetic and get exactly zero gradient.
+    Z is sum_p w(p) with norm "weight" (a weighted mean of the entropy), or, with norm "paper" as the method's
+    code divides, the number of pixels whose w(p) H(p) is not 0 (at least 1). Pixels of weight 0 are indexed
+    out, so they take no part in the arithmetic and get exactly zero gradient.
     """
     _check_shape("distance map", logits, dist_map)
     weight = dist_map.to(device=logits.device, dtype=torch.float32) / 255.0
@@ -101,7 +104,10 @@ def weighted_entropy(logits, dist_map):
     weight = weight[keep]
     log_p = logits.movedim(1, -1)[keep].float().log_softmax(1)
     entropy = -(log_p.exp() * log_p).sum(1)
-    return (weight * entropy).sum() / weight.sum().clamp(min=1e-12)
+    weighted = weight * entropy
+    if norm == "paper":
+        return weighted.sum() / torch.count_nonzero(weighted).clamp(min=1)
+    return weighted.sum() / weight.sum().clamp(min=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +121,11 @@ class ScribbleCriterion(nn.Module):
     "pseudo", "dist_s" and "dist_c" tensors, and `lorm_loss` is the model's own LoRM loss.
     """
 
-    def __init__(self, weights, label_smooth=DEFAULT_LABEL_SMOOTH):
+    def __init__(self, weights, label_smooth=DEFAULT_LABEL_SMOOTH, entropy_norm="weight"):
         super().__init__()
+        if entropy_norm not in ENTROPY_NORMS:
+            raise UserError(f"--entropy_norm {entropy_norm!r} is unknown; expected one of {', '.join(ENTROPY_NORMS)}")
+        self.entropy_norm = entropy_norm
         unknown = sorted(set(weights) - set(TERMS))
         if unknown:
             raise UserError(f"scribble loss weights name unknown terms {unknown}; expected some of {list(TERMS)}")
@@ -149,7 +158,7 @@ class ScribbleCriterion(nn.Module):
             return pseudo_ce(logits, value, self.label_smooth)
         if name == "lorm":
             return value
-        return weighted_entropy(logits, value)
+        return weighted_entropy(logits, value, self.entropy_norm)
 
     def forward(self, logits, target, lorm_loss=None):
         values = {name: self.term(name, logits, target, lorm_loss) for name in self.weights}
@@ -176,6 +185,12 @@ def add_scribble_args(parser):
                        ("dc", "entropy weighted by --distancemap_c")):
         flags = [f"--l_{name}"] + (["--l_pseudo"] if name == "pesudo" else [])
         g.add_argument(*flags, dest=f"l_{name}", type=float, default=1.0, help=f"weight of {what}; 0 turns it off")
+    g.add_argument("--lorm", default="consensus", choices=["consensus", "paper"],
+                   help="LoRM of the *_lorm models: consensus (foreground keys, detached values, 1 - cosine) or "
+                        "paper (the method's code: all keys, cosine attention, gamma, squared error)")
+    g.add_argument("--entropy_norm", default="weight", choices=list(ENTROPY_NORMS),
+                   help="the ds/dc terms' denominator: weight (sum of the map's weights: a weighted mean) or paper "
+                        "(the number of pixels with a non-zero weighted entropy, as the method's code divides)")
     g.add_argument("--label_smooth", type=float, default=DEFAULT_LABEL_SMOOTH,
                    help="label smoothing of the pseudo-label cross-entropy, in [0, 1)")
     g.add_argument("--lambda_s", type=float, default=DEFAULT_LAMBDA_S,
@@ -221,7 +236,7 @@ def build_scribble_criterion(args, mode, model_has_lorm):
     elif weights["lorm"] and "pseudo" not in SCRIBBLE_MODES[mode]:
         log.info(f"--l_lorm ignored: --dataset {mode} loads no pseudo labels for LoRM")
         weights["lorm"] = 0.0
-    criterion = ScribbleCriterion(weights, args.label_smooth)
+    criterion = ScribbleCriterion(weights, args.label_smooth, getattr(args, "entropy_norm", "weight"))
     criterion.uses_lorm = "lorm" in criterion.weights
     return criterion
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import models.lorm  # noqa: F401 - registers the *_lorm models
 from models import build_model
-from models.lorm import LoRM
+from models.lorm import LORM_STYLES, LoRM
 from utils import UserError
 
 LORM_MODELS = ["res50_ASPP_lorm", "deeplabv3p_lorm"]
@@ -177,3 +177,80 @@ def test_eval_forward_and_export_run_no_lorm():
     # LoRM's own ops, and its frozen query/key weights (constants named self.lorm.*); the segmentation path uses none.
     assert "scaled_dot_product_attention" not in graph and "cosine_similarity" not in graph
     assert "self.lorm" not in graph
+
+
+# ----------------------------------------------------------------------------------------------
+# --lorm paper and --entropy_norm paper against a plain re-statement of the method's code, one position at a time
+
+def paper_lorm_by_hand(x, pseudo, wq, bq, wk, bk, gamma):
+    """The reference formulation written out loop by loop: the class-index map (ignore set to 0 on a copy) resized
+    bilinearly with align_corners=True and taken > 0; cosine attention over every key; background queries give 0;
+    out = gamma * sum_j a_ij x_j; loss = sum of squares / count of non-zero squares over the batch."""
+    n_images, channels, h, w = x.shape
+    squares = []
+    for n in range(n_images):
+        labels = pseudo[n].clone().float()
+        labels[labels == 255] = 0
+        mask = F.interpolate(labels[None, None], size=(h, w), mode="bilinear", align_corners=True)[0, 0] > 0
+        feats = x[n].reshape(channels, -1)
+        q, k = wq @ feats + bq[:, None], wk @ feats + bk[:, None]
+        out = torch.zeros_like(feats)
+        for i in range(h * w):
+            if not mask.flatten()[i]:
+                continue
+            cos = torch.stack([q[:, i] @ k[:, j] / (q[:, i].norm() * k[:, j].norm()) for j in range(h * w)])
+            weights = cos.exp() / cos.exp().sum()
+            out[:, i] = gamma * (feats * weights).sum(1)
+        squares.append((feats - out) ** 2)
+    squares = torch.cat([s.flatten() for s in squares])
+    return squares.sum() / (squares != 0).sum()
+
+
+def test_paper_lorm_matches_the_formulation_written_out():
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    pseudo = torch.randint(0, 4, (2, 20, 24))
+    pseudo[0, :6] = 255  # ignore: not foreground
+    pseudo[1, 10:] = 0
+    module = LORM_STYLES["paper"](8).double()
+    with torch.no_grad():
+        module.gamma.fill_(0.7)
+        module.query.bias.normal_()
+        module.key.bias.normal_()
+    kept = pseudo.clone()
+    loss = module(x, pseudo)
+    assert torch.equal(pseudo, kept)  # the labels are not written to
+    expected = paper_lorm_by_hand(x, pseudo, module.query.weight[:, :, 0, 0], module.query.bias,
+                                  module.key.weight[:, :, 0, 0], module.key.bias, 0.7)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert module.gamma.grad is not None and module.query.weight.grad.abs().sum() > 0
+    nothing = module(torch.zeros(1, 8, 5, 6, dtype=torch.float64), torch.zeros(1, 20, 24, dtype=torch.long))
+    assert nothing.item() == 0.0  # 0/0 in the code; 0 here
+
+
+def test_paper_lorm_models_build_and_train():
+    model = build_model(Namespace(model_type="res50_ASPP_lorm", layers=18, numclasses=3, output_stride=16,
+                                  head_channels=16, lorm="paper"))
+    assert isinstance(model.lorm, LORM_STYLES["paper"]) and model.lorm.query.out_channels == 512  # from the backbone
+    model.train()
+    logits, loss = model(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))
+    assert logits.shape == (2, 3, 64, 64) and torch.isfinite(loss)
+
+
+def test_paper_entropy_norm_matches_the_formulation_written_out():
+    from tasks.scribble import weighted_entropy
+    torch.manual_seed(4)
+    logits = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    dist = torch.randint(0, 256, (2, 4, 5))
+    dist[0, :2] = 0
+    numerator, nonzero, weight_sum = 0.0, 0, 0.0
+    for n in range(2):
+        for i in range(4):
+            for j in range(5):
+                p = logits[n, :, i, j].softmax(0)
+                term = float(dist[n, i, j]) / 255 * -(p * p.log()).sum().item()
+                numerator, nonzero, weight_sum = numerator + term, nonzero + (term != 0), weight_sum + dist[n, i, j] / 255
+    assert weighted_entropy(logits, dist, "paper").item() == pytest.approx(numerator / nonzero, rel=1e-5)
+    assert weighted_entropy(logits, dist, "weight").item() == pytest.approx(numerator / float(weight_sum), rel=1e-5)
+    assert weighted_entropy(logits, torch.zeros(2, 4, 5), "paper").item() == 0.0
