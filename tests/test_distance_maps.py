@@ -1,6 +1,7 @@
 """tools/make_distance_maps.py end to end: writes, skips what exists, rewrites with --overwrite, and stops with one
 line on bad input."""
 import importlib.util
+import math
 import os
 import re
 
@@ -66,6 +67,19 @@ def test_writes_the_maps_of_every_scribble_then_skips_them(folder, capsys):
     assert len(outputs(folder)) == 6  # no temporary files left behind
 
 
+def test_the_tool_writes_paper_maps_with_their_default_lambdas(folder, capsys):
+    from data.distance_maps import PAPER_LAMBDA_C, PAPER_LAMBDA_S, paper_distance_maps
+    tool = load_tool()
+    assert tool.main(["--dataset_path", str(folder), "--map_style", "paper", "--workers", "1"]) == 0
+    assert "paper maps, lambda_s=2.71828, lambda_c=403.429" in capsys.readouterr().out
+    for i in range(3):
+        expected = paper_distance_maps(read_label(str(folder / "scribble" / f"im{i}.png")),
+                                       read_label(str(folder / "pseudo" / f"im{i}.png")), PAPER_LAMBDA_S,
+                                       PAPER_LAMBDA_C)
+        for sub, want in zip(("distancemap_s", "distancemap_c"), expected):
+            assert (cv2.imread(str(folder / sub / f"im{i}.png"), cv2.IMREAD_UNCHANGED) == want).all()
+
+
 def test_a_missing_pseudo_label_stops_with_one_line(folder):
     os.remove(folder / "pseudo" / "im1.png")
     proc = run([TOOL, "--dataset_path", str(folder)], check=False)
@@ -93,3 +107,49 @@ def test_list_and_bad_inputs(folder, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
         assert re.search(message, err[0]), err[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# --map_style paper: the method's code's definitions, checked on hand-made labels with hand-computed values
+
+def test_paper_maps_on_a_hand_made_label():
+    from data.distance_maps import paper_distance_maps
+    # A 10 x 25 image: its longer side is 25, so a lambda of 1/400 at VOC scale is 1/400 * (500/25)^2 = 1 here, and
+    # the maps are 255 - trunc(min(255, d)) and trunc(min(255, d)) in plain pixels.
+    scribble = np.full((10, 25), 255, np.uint8)
+    scribble[2, 3] = 1          # the one foreground stroke pixel
+    scribble[9, 24] = 0         # a background stroke: not a source
+    pseudo = np.zeros((10, 25), np.uint8)
+    pseudo[2:8, 10:15] = 2      # an object ...
+    pseudo[2:8, 15:18] = 3      # ... touching an object of another class: no contour between them
+    pseudo[4:6, 11:13] = 255    # uncertain inside the object: background for the contour, so a hole
+    pseudo[0:3, 22:25] = 1      # an object in the corner: its pixels along the image border are contour
+    dist_s, dist_c = paper_distance_maps(scribble, pseudo, lambda_s=1 / 400, lambda_c=1 / 400)
+
+    # By hand: the contour is every foreground pixel with a 4-neighbour outside the foreground or the image.
+    fg = np.pad((pseudo != 0) & (pseudo != 255), 1)
+    inner = fg[1:-1, 1:-1] & fg[:-2, 1:-1] & fg[2:, 1:-1] & fg[1:-1, :-2] & fg[1:-1, 2:]
+    contour = [(y, x) for y in range(10) for x in range(25) if fg[y + 1, x + 1] and not inner[y, x]]
+    assert (4, 15) not in contour and (4, 14) not in contour and (4, 11) not in contour and (1, 23) not in contour
+    assert {(3, 11), (4, 13), (0, 24), (2, 22)} <= set(contour)
+    for y in range(10):
+        for x in range(25):
+            d_c = min(math.hypot(y - cy, x - cx) for cy, cx in contour)
+            assert dist_c[y, x] == math.floor(min(255, d_c)), (y, x)
+            assert dist_s[y, x] == 255 - math.floor(min(255, math.hypot(y - 2, x - 3))), (y, x)
+    assert dist_s[0, 0] == 252  # d = sqrt(13) = 3.61, truncated as the code does (rounding would give 251)
+    assert dist_c[4, 15] == 2   # the class 2 | class 3 edge: 2 px from the nearest contour, not 0
+
+
+def test_paper_maps_scale_lambda_with_the_image_and_have_limits():
+    from data.distance_maps import paper_distance_maps
+    scribble = np.full((50, 100), 255, np.uint8)
+    scribble[25, 50] = 1
+    small, _ = paper_distance_maps(scribble, np.zeros((50, 100), np.uint8), lambda_s=1.0, lambda_c=1.0)
+    large = np.full((100, 200), 255, np.uint8)
+    large[50, 100] = 1
+    big, _ = paper_distance_maps(large, np.zeros((100, 200), np.uint8), lambda_s=1.0, lambda_c=1.0)
+    assert small[25, 60] == 255 - 50 and big[50, 120] == 255 - 50  # 10 px at 100 wide = 20 px at 200 wide
+    background_only = np.where(scribble == 1, 0, 255).astype(np.uint8)
+    no_s, no_c = paper_distance_maps(background_only, np.zeros((50, 100), np.uint8))
+    assert not no_s.any() and (no_c == 255).all()  # no foreground stroke, no foreground contour

@@ -20,7 +20,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 
 from data.readers import read_label  # noqa: E402
-from data.distance_maps import DEFAULT_FOLDERS, DEFAULT_LAMBDA_C, DEFAULT_LAMBDA_S, distance_maps  # noqa: E402
+from data.distance_maps import DEFAULT_FOLDERS, MAP_STYLES, VOC_SIDE  # noqa: E402
 from utils import UserError, write_atomic  # noqa: E402
 
 
@@ -36,10 +36,17 @@ def get_args_parser():
                    help="output folder of the maps near scribbles")
     p.add_argument("--distancemap_c", default=DEFAULT_FOLDERS["distancemap_c"],
                    help="output folder of the maps from pseudo-label boundaries")
-    p.add_argument("--lambda_s", type=float, default=DEFAULT_LAMBDA_S,
-                   help="dist_s falls to 0 at 255/sqrt(lambda_s) px from a scribble (VOC-size images: 4)")
-    p.add_argument("--lambda_c", type=float, default=DEFAULT_LAMBDA_C,
-                   help="dist_c reaches 255 at 255/sqrt(lambda_c) px from a boundary (VOC-size images: 16)")
+    p.add_argument("--map_style", default="suite", choices=sorted(MAP_STYLES),
+                   help="suite: sources are every scribble pixel and every class change or 255 pixel of the pseudo "
+                        "label, rounded; paper: as the method's code, foreground scribble pixels and the contour of "
+                        "the pseudo label's foreground, truncated, lambdas at VOC scale")
+    p.add_argument("--lambda_s", type=float, default=None,
+                   help="dist_s falls to 0 at 255/sqrt(lambda_s) px from a scribble; suite: default 64 (128 px "
+                        "images; VOC-size: 4); paper: at VOC scale (default e), rescaled by "
+                        f"({VOC_SIDE} / the image's longer side)^2")
+    p.add_argument("--lambda_c", type=float, default=None,
+                   help="dist_c reaches 255 at 255/sqrt(lambda_c) px from a boundary; suite: default 256 (VOC-size: "
+                        "16); paper: at VOC scale (default e^6), rescaled likewise")
     p.add_argument("--list", default=None, metavar="FILE",
                    help="split list (one id per line, first column; e.g. ImageSets/Segmentation/train.txt, "
                         "relative to --dataset_path or the current folder); default: every PNG in --train_path")
@@ -99,7 +106,8 @@ def make_one(args, image_id):
         return False
     scribble = read_label(os.path.join(folder(args, "train_path"), image_id + ".png"))
     pseudo = read_label(os.path.join(folder(args, "pesudo_path"), image_id + ".png"))
-    for path, dist in zip(outputs, distance_maps(scribble, pseudo, args.lambda_s, args.lambda_c)):
+    make = MAP_STYLES[args.map_style][0]
+    for path, dist in zip(outputs, make(scribble, pseudo, args.lambda_s, args.lambda_c)):
         ok, png = cv2.imencode(".png", dist)
         if not ok:
             raise UserError(f"could not encode the distance map for '{path}'")
@@ -109,13 +117,16 @@ def make_one(args, image_id):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    make, default_s, default_c = MAP_STYLES[args.map_style]
+    args.lambda_s = default_s if args.lambda_s is None else args.lambda_s
+    args.lambda_c = default_c if args.lambda_c is None else args.lambda_c
     start = time.perf_counter()
     try:
         if not os.path.isdir(args.dataset_path):
             raise UserError(f"--dataset_path '{args.dataset_path}' does not exist; expected the dataset root folder")
         if args.workers < 1:
             raise UserError(f"--workers {args.workers} is not valid; expected an integer >= 1")
-        distance_maps([[0]], [[0]], args.lambda_s, args.lambda_c)  # checks the lambdas before any work
+        make([[0]], [[0]], args.lambda_s, args.lambda_c)  # checks the lambdas before any work
         for name in KINDS:
             if not os.path.isdir(folder(args, name)):
                 raise UserError(f"--{name} folder '{folder(args, name)}' does not exist; expected a folder of "
@@ -137,7 +148,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"distance maps: {written} written, {len(ids) - written} skipped in {time.perf_counter() - start:.1f} s "
-          f"(lambda_s={args.lambda_s:g}, lambda_c={args.lambda_c:g}) -> {folder(args, 'distancemap_s')}, "
+          f"({args.map_style} maps, lambda_s={args.lambda_s:g}, lambda_c={args.lambda_c:g}) -> "
+          f"{folder(args, 'distancemap_s')}, "
           f"{folder(args, 'distancemap_c')}")
     return 0
 
