@@ -94,9 +94,11 @@ def render(runs, args):
         return f"{statistics.mean(values):.3f} ± {spread:.3f}", statistics.mean(values)
 
     full = cell("Full supervision", "suite")[1]
+    rows = "" if args.rows == list(ROWS) else " --rows " + " ".join(f'"{r}"' if " " in r else r for r in args.rows)
     lines = [f"Best val mIoU, mean ± std over seeds {' '.join(map(str, args.seeds))}, {args.epochs} epochs, weights "
-             f"'{args.weights}' (python benchmarks/scribble_ablation.py --epochs {args.epochs} --weights "
-             f"{args.weights})", "", "| row | suite | of Full | paper | of Full |", "| --- | --- | --- | --- | --- |"]
+             f"'{args.weights}' (python benchmarks/scribble_ablation.py --seeds {' '.join(map(str, args.seeds))} "
+             f"--epochs {args.epochs} --weights {args.weights}{rows})", "",
+             "| row | suite | of Full | paper | of Full |", "| --- | --- | --- | --- | --- |"]
     for row in args.rows:
         cells = []
         for formulation in FORMULATIONS:
