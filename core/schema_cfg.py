@@ -10,7 +10,7 @@ read as flags (see core/schemas.py).
 the other keys as keyword arguments (--model_kwargs, --dataset_kwargs, --val_dataset_kwargs, --loss_kwargs); a
 built-in one is configured by flags, so it takes no others.
 """
-from core.schemas import pick, unknown, walk
+from core.schemas import known_path, pick, unknown, walk
 
 LOSS_TYPES = {"crossentropyloss": "ce", "focalloss": "focal", "diceloss": "dice", "bcewithlogitsloss": "bce",
               "lovaszloss": "lovasz"}
@@ -41,8 +41,8 @@ HOOK_TYPES = {"logger": "LoggerHook", "checkpoint": "CheckpointHook", "tensorboa
 
 
 def handled(where):
-    return (any(where == k or (k.endswith(".*") and where.startswith(k[:-1])) for k in HANDLED)
-            or where in {f"hooks.{hook}" for hook in HOOK_TYPES})  # an empty hook: dict() turns it on as it is
+    # an empty hook, dict() with no keys, turns the hook on as it is
+    return known_path(where, HANDLED) or where in {f"hooks.{hook}" for hook in HOOK_TYPES}
 
 
 def translate(cfg, m):

@@ -9,7 +9,8 @@ writes last.pth every tenth of an epoch).
 import glob
 import os
 
-from core.schemas import check_task_name, loss_specs_from_tables, one, pick, read_config, relative_file, unknown, walk
+from core.schemas import (check_task_name, known_path, loss_specs_from_tables, one, pick, read_config, relative_file,
+                          unknown, walk)
 
 IMAGENET = [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]
 OPTIMIZERS = {"sgd": "sgd", "adam": "adam", "adamw": "adamw"}
@@ -64,7 +65,7 @@ def translate(table, m):
         if where in COMMON_RENAMES or where in TRAIN_RENAMES:
             if value != "" and (train or where in COMMON_RENAMES):  # "" is the schema's "not set" (run_id = "")
                 m.set({**COMMON_RENAMES, **TRAIN_RENAMES}[where], value, where)
-        elif where in HANDLED or where.startswith(("transform.", "dataset.config.")):
+        elif known_path(where, HANDLED):
             continue  # read below, in context
         elif not m.flag_key(where.split(".")[-1], value, where) and train:
             unknown(m, where, "002", sorted(KEYS))  # test.py and infer.py skip training's flags
