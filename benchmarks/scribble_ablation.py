@@ -12,6 +12,7 @@ they run once and serve both columns. The paper formulation's maps are written o
 with its share of Full; every run is also written to a CSV next to --out.
 """
 import argparse
+import concurrent.futures
 import csv
 import os
 import statistics
@@ -22,7 +23,7 @@ import tempfile
 from timed_run import ROOT, timed_run
 
 MODEL = ["--model_type", "deeplabv3p_lorm", "--layers", "18", "--crop_size", "96", "--batchsize", "8",
-         "--lr", "0.02", "--workers", "2", "--no_progress"]
+         "--lr", "0.01", "--warmup_epochs", "1", "--workers", "2", "--no_progress"]
 WEIGHTS = {"quick": {"l_segs": 1.0, "l_pesudo": 0.5, "l_lorm": 1.0, "l_ds": 0.1, "l_dc": 0.1},  # scribble_quick.toml
            "paper": {"l_segs": 1.0, "l_pesudo": 1.0, "l_lorm": 1.0, "l_ds": 1.0, "l_dc": 1.0}}
 # Row: (--dataset, the terms it keeps, whether the formulation matters)
@@ -38,11 +39,12 @@ FORMULATIONS = {"suite": ["--lorm", "consensus", "--entropy_norm", "weight"],
                           "--distancemap_c", "distancemap_c_paper"]}
 
 
-def command(row, formulation, weights, seed, epochs, logdir):
+def command(row, formulation, weights, seed, args, logdir):
     dataset, terms, _ = ROWS[row]
     flags = [f"--{name}={weights[name] if name[2:] in terms else 0.0}" for name in weights]
+    pretrained = ["--pretrained", os.path.abspath(args.pretrained)] if args.pretrained else []
     return [sys.executable, "train.py", *MODEL, "--dataset", dataset, *flags, *FORMULATIONS[formulation],
-            "--epochs", str(epochs), "--seed", str(seed), "--logdir", logdir]
+            *pretrained, "--epochs", str(args.epochs), "--seed", str(seed), "--logdir", logdir]
 
 
 def main():
@@ -52,27 +54,36 @@ def main():
     p.add_argument("--weights", choices=sorted(WEIGHTS), default="quick")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
     p.add_argument("--out", default=None, help="also write the table (markdown) here, and the runs to OUT.csv")
+    p.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="start every run from these weights (benchmarks/pretrain_backbone.py writes a backbone)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each with cores / JOBS threads (results do not depend on it)")
     args = p.parse_args()
     sys.path.insert(0, ROOT)
     from data import synthetic
     with tempfile.TemporaryDirectory() as workdir:
         cache = os.path.join(workdir, "cache")
-        env = {**os.environ, "AILAB_DATA": cache, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        env = {**os.environ, "AILAB_DATA": cache, "OMP_NUM_THREADS": str(threads)}
         root = synthetic.ensure_builtin_dataset(cache)
         subprocess.run([sys.executable, "tools/make_distance_maps.py", "--dataset_path", root, "--map_style", "paper",
                         "--distancemap_s", "distancemap_s_paper", "--distancemap_c", "distancemap_c_paper"],
                        cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        runs = []
-        for row in args.rows:
-            for formulation in (FORMULATIONS if ROWS[row][2] else ["both"]):
-                for seed in args.seeds:
-                    logdir = os.path.join(workdir, f"{len(runs)}")
-                    cmd = command(row, "suite" if formulation == "both" else formulation, WEIGHTS[args.weights],
-                                  seed, args.epochs, logdir)
-                    seconds, best, last = timed_run(cmd, env, logdir, "val_miou", quiet_stderr=True)
-                    runs.append({"row": row, "formulation": formulation, "seed": seed, "best_miou": best,
-                                 "last_miou": last, "seconds": round(seconds, 1)})
-                    print(f"{row} [{formulation}] seed {seed}: best val mIoU {best:.4f} ({seconds:.0f} s)", flush=True)
+        grid = [(row, formulation, seed) for row in args.rows
+                for formulation in (FORMULATIONS if ROWS[row][2] else ["both"]) for seed in args.seeds]
+
+        def run(index):
+            row, formulation, seed = grid[index]
+            logdir = os.path.join(workdir, str(index))
+            cmd = command(row, "suite" if formulation == "both" else formulation, WEIGHTS[args.weights],
+                          seed, args, logdir)
+            seconds, best, last = timed_run(cmd, env, logdir, "val_miou", quiet_stderr=True)
+            print(f"{row} [{formulation}] seed {seed}: best val mIoU {best:.4f} ({seconds:.0f} s)", flush=True)
+            return {"row": row, "formulation": formulation, "seed": seed, "best_miou": best,
+                    "last_miou": last, "seconds": round(seconds, 1)}
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(run, range(len(grid))))
     table = render(runs, args)
     print(table)
     if args.out:
@@ -95,8 +106,10 @@ def render(runs, args):
 
     full = cell("Full supervision", "suite")[1]
     rows = "" if args.rows == list(ROWS) else " --rows " + " ".join(f'"{r}"' if " " in r else r for r in args.rows)
+    start = f", from {os.path.basename(args.pretrained)}" if args.pretrained else ", from random init"
+    rows += f" --pretrained {os.path.basename(args.pretrained)}" if args.pretrained else ""
     lines = [f"Best val mIoU, mean ± std over seeds {' '.join(map(str, args.seeds))}, {args.epochs} epochs, weights "
-             f"'{args.weights}' (python benchmarks/scribble_ablation.py --seeds {' '.join(map(str, args.seeds))} "
+             f"'{args.weights}'{start} (python benchmarks/scribble_ablation.py --seeds {' '.join(map(str, args.seeds))} "
              f"--epochs {args.epochs} --weights {args.weights}{rows})", "",
              "| row | suite | of Full | paper | of Full |", "| --- | --- | --- | --- | --- |"]
     for row in args.rows:
