@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny built-in dataset, a trained tiny checkpoint, and a way to run the scripts as a user would."""
+import importlib.util
 import os
 import socket
 import subprocess
@@ -12,6 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough that a whole run takes seconds on 2 CPU cores.
 TINY = ["--layers", "18", "--crop_size", "64", "--batchsize", "4", "--epochs", "1", "--workers", "0",
         "--head_channels", "32", "--log_interval", "1", "--lr", "0.01"]
+
+
+def load_script(path):
+    """A script of the repo (path relative to the root) imported as a module, without running its main()."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core import distributed
-from conftest import ROOT, TINY, free_port, run, torchrun
+from conftest import ROOT, TINY, free_port, torchrun
 from utils import UserError
 
 PROBE = os.path.join("tests", "collective_probe.py")

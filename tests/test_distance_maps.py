@@ -1,6 +1,5 @@
 """tools/make_distance_maps.py end to end: writes, skips what exists, rewrites with --overwrite, and stops with one
 line on bad input."""
-import importlib.util
 import math
 import os
 import re
@@ -9,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, run
+from conftest import load_script, run
 from data.readers import read_label, save_palette_png
 from data.distance_maps import distance_maps
 
@@ -17,10 +16,7 @@ TOOL = os.path.join("tools", "make_distance_maps.py")
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("make_distance_maps", os.path.join(ROOT, TOOL))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 @pytest.fixture

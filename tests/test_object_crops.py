@@ -1,24 +1,20 @@
 """tools/make_object_crops.py: object crops of synthetic scenes as an ImageFolder tree, labelled with the visible
 objects' classes, deterministic, apart from the segmentation data; and a classifier trained on them hands its
 backbone to a segmentation model through --pretrained."""
-import importlib.util
 import os
 import re
 
 import cv2
 import numpy as np
 
-from conftest import ROOT, TINY, run
+from conftest import TINY, load_script, run
 from data import synthetic
 
 TOOL = os.path.join("tools", "make_object_crops.py")
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("make_object_crops", os.path.join(ROOT, TOOL))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 def written(folder):

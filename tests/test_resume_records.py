@@ -1,7 +1,6 @@
 """Nothing lost, nothing misreported: a resume needs no retyped flags, records reach the disk on every way out,
 a stuck rank ends the job with one line, and the metrics test.py reports are the ones the training log showed."""
 import json
-import os
 import signal
 import sys
 
