@@ -4,7 +4,7 @@
     python benchmarks/scribble_ablation.py --weights paper   # 3 seeds, 8 epochs: 33 runs, about 90 min on 2 cores
     python benchmarks/scribble_ablation.py --seeds 0 1 2 3 --epochs 16 --out ablation.md
     python benchmarks/pretrain_backbone.py --out r18.pth            # then, from those weights:
-        python benchmarks/scribble_ablation.py --pretrained r18.pth --rows "+ pseudo labels" "Full supervision"
+    python benchmarks/scribble_ablation.py --pretrained r18.pth --rows "+ pseudo labels" "Full supervision"
 
 Every run uses the same model and recipe (MODEL below: lr 0.01 after one warmup epoch; lr 0.02 without warmup
 moved a run by up to 0.18 mIoU between seeds). --weights quick is the older setting of scribble_quick.toml, with
