@@ -3,6 +3,8 @@ an elastic restart after SIGKILL, a kill during a save, non-finite losses, bad c
 import hashlib
 import json
 import os
+
+import numpy as np
 import signal
 import subprocess
 import sys
@@ -195,7 +197,7 @@ def bad_checkpoints(tmp_path, good):
     """(path, extra flags, expected message part) for each kind of bad checkpoint."""
     raw = open(good, "rb").read()
     cases = []
-    for name, payload in (("truncated.pth", raw[: len(raw) // 2]), ("noise.pth", os.urandom(4096))):
+    for name, payload in (("truncated.pth", raw[: len(raw) // 2]), ("noise.pth", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))):
         (tmp_path / name).write_bytes(payload)
         cases.append((tmp_path / name, [], "could not be read"))
     torch.save(torch.load(good, weights_only=True)["model"], tmp_path / "weights_only.pth")
