@@ -3,6 +3,7 @@ import logging
 import os
 import random
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -118,12 +119,20 @@ def save_checkpoint(state, path):
         os.close(fd)
 
 
+def torch_load_cpu(path):
+    """torch.load(weights_only=True) onto the CPU. torch's note about an unusual pickle protocol is silenced: for a
+    foreign or corrupt file it would come on top of the caller's one-line error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path):
     """Load a checkpoint with weights_only=True onto the CPU; one clear error for anything else."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch_load_cpu(path)
     except Exception as e:  # torch raises many types for truncated, corrupt or foreign files
         raise UserError(f"checkpoint {path} could not be read ({first_line(e)}); expected a .pth written by train.py") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:

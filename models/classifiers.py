@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from utils import UserError, first_line
+from utils import UserError, first_line, torch_load_cpu
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
 STEMS = ("auto", "imagenet", "small")
@@ -110,7 +110,7 @@ def read_weights(path):
     if not os.path.isfile(path):
         raise UserError(f"weights file {path} does not exist; {expected}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_cpu(path)
     except Exception as e:
         raise UserError(f"weights file {path} could not be read ({first_line(e)}); {expected}") from e
     for key in ("model", "state_dict"):

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from utils import UserError, first_line, unwrap_state_dict
+from utils import UserError, first_line, torch_load_cpu, unwrap_state_dict
 
 # The ImageNet classifier of a torchvision ResNet: expected in such a file, and never part of a backbone.
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
@@ -19,7 +19,7 @@ def read_state_dict(path):
     if not os.path.isfile(path):
         raise UserError(f"--pretrained {path} does not exist; expected a local .pth file (nothing is downloaded)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_cpu(path)
     except Exception as e:  # truncated, corrupt, or pickled classes that weights_only refuses
         raise UserError(f"--pretrained {path} could not be read ({first_line(e)}); expected a state dict or checkpoint") from e
     for key in ("model", "state_dict"):  # a train.py checkpoint, or the common {"state_dict": ...} wrapper

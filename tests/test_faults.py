@@ -3,13 +3,12 @@ an elastic restart after SIGKILL, a kill during a save, non-finite losses, bad c
 import hashlib
 import json
 import os
-
-import numpy as np
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,7 +196,10 @@ def bad_checkpoints(tmp_path, good):
     """(path, extra flags, expected message part) for each kind of bad checkpoint."""
     raw = open(good, "rb").read()
     cases = []
-    for name, payload in (("truncated.pth", raw[: len(raw) // 2]), ("noise.pth", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))):
+    noise = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
+    # b"\x80\x05" opens a protocol-5 pickle: torch would add a warning about it to the one-line error
+    for name, payload in (("truncated.pth", raw[: len(raw) // 2]), ("noise.pth", noise),
+                          ("pickle5_noise.pth", b"\x80\x05" + noise)):
         (tmp_path / name).write_bytes(payload)
         cases.append((tmp_path / name, [], "could not be read"))
     torch.save(torch.load(good, weights_only=True)["model"], tmp_path / "weights_only.pth")
