@@ -110,12 +110,14 @@ def render(runs, args):
         return f"{statistics.mean(values):.3f} ± {spread:.3f}", statistics.mean(values)
 
     full = cell("Full supervision", "suite")[1]
-    rows = "" if args.rows == list(ROWS) else " --rows " + " ".join(f'"{r}"' if " " in r else r for r in args.rows)
-    start = f", from {os.path.basename(args.pretrained)}" if args.pretrained else ", from random init"
-    rows += f" --pretrained {os.path.basename(args.pretrained)}" if args.pretrained else ""
+    extra = "" if args.rows == list(ROWS) else " --rows " + " ".join(f'"{r}"' if " " in r else r for r in args.rows)
+    start = ", from random init"
+    if args.pretrained:
+        start = f", from {os.path.basename(args.pretrained)}"
+        extra += f" --pretrained {os.path.basename(args.pretrained)}"
     lines = [f"Best val mIoU, mean ± std over seeds {' '.join(map(str, args.seeds))}, {args.epochs} epochs, weights "
              f"'{args.weights}'{start} (python benchmarks/scribble_ablation.py --seeds {' '.join(map(str, args.seeds))} "
-             f"--epochs {args.epochs} --weights {args.weights}{rows})", "",
+             f"--epochs {args.epochs} --weights {args.weights}{extra})", "",
              "| row | suite | of Full | paper | of Full |", "| --- | --- | --- | --- | --- |"]
     for row in args.rows:
         cells = []
