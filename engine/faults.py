@@ -1,7 +1,7 @@
 """Stopping cleanly: SIGTERM/SIGINT and non-finite losses, decided the same way on every rank.
 
-Every micro-step, each rank contributes two flags (its loss is not finite; it has received a stop signal) to one
-all-reduce, so all ranks take the same branch: stop at a step boundary, skip an update, or go on. Nobody waits
+Before every update, each rank contributes its group's loss sum and its stop flag to one all-reduce, so all ranks
+take the same branch: stop at a step boundary, skip an update, or go on. Nobody waits
 forever for a rank that left: collectives time out after --dist_timeout seconds.
 """
 import logging
@@ -54,31 +54,36 @@ class Guard:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
-    def agree(self, loss_value):
-        """(any rank's loss is non-finite, any rank was asked to stop), the same on every rank."""
-        flags = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0, 0.0 if self.signal is None else 1.0])
-        all_reduce_sum(flags)
-        return flags[0].item() > 0, flags[1].item() > 0
-
     def begin_group(self, buffers):
-        """Remember the buffers (batch-norm statistics) before a group's forward passes, to undo a dropped group."""
-        self.buffers, self.snapshot = buffers, [b.detach().clone() for b in buffers]
+        """Remember the buffers (batch-norm statistics) before a group's forward passes, to undo a dropped group.
+        The copies are made once and refilled with one fused copy per group, not allocated anew."""
+        if len(buffers) != len(self.snapshot) or any(b is not a for b, a in zip(buffers, self.buffers)):
+            self.buffers, self.snapshot = buffers, [b.detach().clone() for b in buffers]
+        elif buffers:
+            torch._foreach_copy_(self.snapshot, [b.detach() for b in buffers])
 
-    def check(self, value, terms, lr, epoch, batch, step):
-        """After each forward pass, on every rank: True when the group must be dropped (some rank's loss is not
-        finite and --nan_policy skip allows it; its batch-norm statistics are rolled back). Raises Stop when the
-        run must end instead. A stop signal on any rank is remembered in `stop_pending` for the next update."""
-        non_finite, stop = self.agree(value)
-        self.stop_pending = self.stop_pending or stop
-        if not non_finite:
-            return False
+    def agree(self, sums, batches, world_size, terms, lr, epoch, batch, step):
+        """Before a group's update, on every rank: one all-reduce of the group's summed loss and terms (`sums`, a
+        device tensor over `batches` batches) and of this rank's stop flag, read back with one host sync.
+
+        Returns (mean loss, {term: mean}, dropped), the same on every rank. A sum over ranks and batches is finite
+        only when every loss in it is, so `dropped` is True when some rank's loss was not finite and --nan_policy
+        skip allows dropping the group (its batch-norm statistics are then rolled back); raises Stop when the run
+        must end instead. A stop signal on any rank is remembered in `stop_pending` for after the update."""
+        flag = torch.tensor([0.0 if self.signal is None else 1.0], device=sums.device)
+        values = all_reduce_sum(torch.cat([sums, flag])).tolist()
+        self.stop_pending = self.stop_pending or values[-1] > 0
+        count = batches * world_size
+        value, term_values = values[0] / count, {k: v / count for k, v in zip(terms, values[1:-1])}
+        if math.isfinite(values[0]):
+            return value, term_values, False
         with torch.no_grad():
             for b, saved in zip(self.buffers, self.snapshot):
                 b.copy_(saved)
-        problem = self.non_finite(value, terms, lr, epoch, batch, step)
+        problem = self.non_finite(value, term_values, lr, epoch, batch, step)
         if problem is not None:
             raise problem  # the state is exactly the one after the last good update
-        return True
+        return value, term_values, True
 
     def stop_for_signal(self, epoch, batch, step):
         name = self.signal.name if self.signal is not None else "a stop signal on another rank"

@@ -10,7 +10,6 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from core.distributed import all_reduce_sum
 from engine.optim import set_lr
 
 log = logging.getLogger("ailab")
@@ -77,7 +76,11 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
     `step` counts optimizer updates, so with --accum_steps K the LR schedule advances once per K batches.
     Each group of K batches (the last one may be shorter) sums the gradients of loss / group size, which
     equals one batch K times larger; DDP all-reduces only on the batch that completes a group (no_sync()).
-    A stop signal is acted on after the group's update; a non-finite loss drops the group (run.guard).
+
+    The host waits for the device once per update, not once per batch: the group's loss and terms are summed on
+    the device, and one all-reduce of them (with each rank's stop flag) before the update tells every rank the
+    same three things: the mean loss over ranks for the log, whether any rank's loss was not finite (the group
+    is then dropped, run.guard), and whether any rank was asked to stop (acted on after the update).
     """
     model, optimizer, amp, guard, ctx, args = run.model, run.optimizer, run.amp, run.guard, run.ctx, run.args
     set_train_mode(model, args.freeze_bn)
@@ -87,7 +90,7 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
                dynamic_ncols=True, leave=False, disable=not show_progress(ctx, args))
     progress = Progress(ctx.world_size)
     buffers = list(model.buffers())
-    terms, lr, skip_group = {}, run.lr_fn(step), False
+    terms, lr, sums = {}, run.lr_fn(step), None
     optimizer.zero_grad(set_to_none=True)
     for i, (image, target) in enumerate(itertools.islice(loader, max(0, n - first_batch)), start=first_batch):
         progress.data_ready()
@@ -101,43 +104,47 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
             lr = run.lr_fn(step)
             set_lr(optimizer, lr)
             guard.begin_group(buffers)
-        # forward, backward
+        # forward, backward (a non-finite loss goes through backward too: every rank runs the same collectives,
+        # and the group's gradients are thrown away before the update)
         with contextlib.nullcontext() if updates or not hasattr(model, "no_sync") else model.no_sync():
             with amp.autocast():
                 loss, terms = forward_loss(model, run.criterion, image, target)
-            value = loss.item()
-            dropped = guard.check(value, terms, lr, epoch, group_start, step)
-            if dropped:
-                skip_group = True
-                optimizer.zero_grad(set_to_none=True)  # drop the group's gradients on every rank
-            elif not skip_group:
-                amp.scaler.scale(loss / group_size).backward()
-        # step
-        if updates:
-            if not skip_group:
+            amp.scaler.scale(loss / group_size).backward()
+        batch_sums = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())])
+        sums = batch_sums if i == group_start else sums + batch_sums
+        if updates:  # one host sync and one all-reduce per update
+            value, term_values, dropped = guard.agree(sums, group_size, ctx.world_size, terms, lr, epoch,
+                                                      group_start, step)
+            if not dropped:
                 if args.clip_grad_norm:
                     amp.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
                 amp.scaler.step(optimizer)
                 amp.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step, skip_group = step + 1, False
+            optimizer.zero_grad(set_to_none=True)  # a dropped group's gradients go on every rank
+            step += 1
             if run.on_update is not None:
                 run.on_update(step, i + 1)
             if guard.stop_pending:  # a step boundary: every rank stops here, with this update applied
                 raise guard.stop_for_signal(epoch, i + 1, step)
-        # log
-        progress.add(image.shape[0], None if dropped else (value, terms))
-        bar.set_postfix_str(progress.postfix(lr), refresh=False)
+            if not dropped:
+                progress.add(group_size, value, term_values)
+        progress.count(image.shape[0])
         bar.update()
-        if args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == n) and not dropped:
-            log_step(run, progress, bar, epoch, i + 1, n, step, value, terms, lr)
+        if updates:
+            bar.set_postfix_str(progress.postfix(lr), refresh=False)
+            every = args.log_interval  # a line each time the count of batches passes a multiple of it
+            if every and ((i + 1) // every > group_start // every or i + 1 == n) and not dropped:
+                log_step(run, progress, bar, epoch, i + 1, n, step, value, term_values, lr)
     bar.close()
     return progress.summary(terms, run.lr_fn(step - 1)), step
 
 
 class Progress:
-    """Running numbers of an epoch: loss sums for the epoch means, a smoothed loss, images/s and data wait."""
+    """Running numbers of an epoch: loss sums for the epoch means, a smoothed loss, images/s and data wait.
+
+    The losses it is given are already means over ranks (faults.Guard.agree), so its sums are the same on every
+    rank and the epoch means need no collective."""
 
     def __init__(self, world_size):
         self.world_size, self.sums, self.smoothed, self.seen, self.data_wait = world_size, None, None, 0, 0.0
@@ -146,15 +153,16 @@ class Progress:
     def data_ready(self):
         self.data_wait += time.perf_counter() - self.ready
 
-    def add(self, batch_size, loss):
-        """Count a batch; `loss` is (value, terms), or None for a batch whose loss was not finite."""
+    def count(self, batch_size):
+        """A batch was trained on (this rank's share of it)."""
         self.seen += batch_size
-        if loss is not None:
-            value, terms = loss
-            values = torch.tensor([value, *terms.values(), 1.0], dtype=torch.float64)
-            self.sums = values if self.sums is None else self.sums + values
-            self.smoothed = value if self.smoothed is None else 0.9 * self.smoothed + 0.1 * value
         self.ready = time.perf_counter()
+
+    def add(self, batches, value, terms):
+        """The mean loss (over ranks and the `batches` batches of an update) and its terms {name: mean}."""
+        values = [value * batches, *(v * batches for v in terms.values()), batches]
+        self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
+        self.smoothed = value if self.smoothed is None else 0.9 * self.smoothed + 0.1 * value
 
     def rate(self):
         """(images/s over all ranks, fraction of the time spent waiting for data)."""
@@ -166,10 +174,9 @@ class Progress:
         return f"loss {self.smoothed or 0:.4f} lr {lr:.2e} {rate:.1f} img/s data {wait:.0%}"
 
     def summary(self, terms, lr):
-        """The epoch's means over all ranks (a collective call)."""
-        sums = self.sums if self.sums is not None else torch.zeros(len(terms) + 2, dtype=torch.float64)
-        all_reduce_sum(sums)  # nothing left of the epoch (resumed at its end) or every update skipped: zeros
-        means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+        """The epoch's means (zeros when nothing was left of the epoch or every update was skipped)."""
+        sums = self.sums or [0.0] * (len(terms) + 2)
+        means = [s / max(sums[-1], 1) for s in sums[:-1]]
         elapsed = time.perf_counter() - self.start
         return {"loss": means[0], "terms": dict(zip(terms, means[1:])), "lr": lr, "time": elapsed,
                 "images_per_s": self.seen * self.world_size / elapsed, "data_wait": self.data_wait / elapsed}
