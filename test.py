@@ -22,7 +22,7 @@ from core import config, distributed
 from data import components
 from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
-from data.loaders import add_loader_args, loader_builders
+from data.dali import add_loader_args, loader_builders
 from evaluation import inference, report
 from evaluation.evaluate import evaluate
 from tasks.base import headline, trained_args

@@ -21,7 +21,7 @@ from core import config, distributed
 from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
 from data import components
-from data.loaders import add_loader_args, loader_builders
+from data.dali import add_loader_args, loader_builders
 from engine import checkpoint, faults, recipe
 from engine.loop import Run, show_progress, train_one_epoch, updates_per_epoch
 from engine.optim import (OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer,

@@ -17,12 +17,43 @@ state depends on everything drawn before, which a resumed run has not drawn.
 import numpy as np
 import torch
 
+from data import loaders
 from data.loaders import ShardSampler, TrainSampler
 from data.readers import IGNORE_INDEX, read_label
 from data.transforms import EvalTransform, TrainTransform
 from utils import UserError
 
 INSTALL = "pip install -r requirements-dali.txt"
+TASKS = ("segmentation",)  # the tasks whose data this loader reads
+
+
+def add_loader_args(group):
+    group.add_argument("--loader", default="opencv", choices=["opencv", "dali"],
+                       help="opencv: DataLoader workers with OpenCV/PIL; dali: NVIDIA DALI pipelines (segmentation on "
+                            f"VOC-layout data; needs `{INSTALL}`)")
+    group.add_argument("--dali_threads", type=int, default=2, help="--loader dali: CPU threads per DALI pipeline")
+
+
+def loader_builders(args, ctx, task_name):
+    """(build_train_loader, build_eval_loader) of --loader, both called like data/loaders.py's two builders.
+    Called before the run writes anything, so a missing DALI or an unsupported task stops it with one line."""
+    if getattr(args, "loader", "opencv") != "dali":
+        return loaders.build_train_loader, loaders.build_eval_loader
+    if task_name not in TASKS:
+        raise UserError(f"--loader dali supports the {' and '.join(TASKS)} task, not {task_name}; "
+                        f"use --loader opencv")
+    import_dali()
+    threads, device = args.dali_threads, ctx.device
+    if threads < 1:
+        raise UserError(f"--dali_threads {threads} is invalid; expected at least 1")
+
+    def train(dataset, batch_size, workers, rank, world_size, seed, drop_last=True, collate_fn=None):
+        return build_train_loader(dataset, batch_size, rank, world_size, seed, threads, device)
+
+    def evaluate(dataset, batch_size, workers, rank, world_size, collate_fn=None):
+        return build_eval_loader(dataset, batch_size, rank, world_size, threads, device)
+
+    return train, evaluate
 
 
 def import_dali():

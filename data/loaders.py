@@ -99,32 +99,3 @@ def build_train_loader(dataset, batch_size, workers, rank, world_size, seed, dro
 def build_eval_loader(dataset, batch_size, workers, rank, world_size, collate_fn=pad_collate):
     """Loader over this rank's ShardSampler shard; by default batches of mixed sizes are padded (label 255)."""
     return make_loader(dataset, batch_size, workers, ShardSampler(len(dataset), rank, world_size), False, collate_fn)
-
-
-# ---------------------------------------------------------------------------------------------
-# --loader: which of the two loaders builds the batches.
-
-def add_loader_args(group):
-    group.add_argument("--loader", default="opencv", choices=["opencv", "dali"],
-                       help="opencv: DataLoader workers with OpenCV/PIL; dali: NVIDIA DALI pipelines (segmentation on "
-                            "VOC-layout data; needs pip install -r requirements-dali.txt)")
-    group.add_argument("--dali_threads", type=int, default=2, help="--loader dali: CPU threads per DALI pipeline")
-
-
-def loader_builders(args, ctx, task_name="segmentation"):
-    """(build_train_loader, build_eval_loader) of --loader, both called like this module's two builders."""
-    if getattr(args, "loader", "opencv") != "dali":
-        return build_train_loader, build_eval_loader
-    if task_name != "segmentation":
-        raise UserError(f"--loader dali supports the segmentation task only, not {task_name}; use --loader opencv")
-    from data import dali  # only here: DALI is an optional dependency
-    dali.import_dali()
-    threads, device = args.dali_threads, ctx.device
-
-    def train(dataset, batch_size, workers, rank, world_size, seed, drop_last=True, collate_fn=None):
-        return dali.build_train_loader(dataset, batch_size, rank, world_size, seed, threads, device)
-
-    def evaluate(dataset, batch_size, workers, rank, world_size, collate_fn=pad_collate):
-        return dali.build_eval_loader(dataset, batch_size, rank, world_size, threads, device)
-
-    return train, evaluate
