@@ -109,7 +109,6 @@ class DaliLoader:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.train, self.threads, self.device, self.sampler = train, threads, torch.device(device), sampler
         self.gpu = self.device.type == "cuda"
-        self.epoch_seeds = {}
 
     # -- what a pass reads -----------------------------------------------------------------------------------------
     def plan(self):
@@ -139,7 +138,7 @@ class DaliLoader:
         return f"{root}/JPEGImages/{image_id}.jpg", f"{root}/SegmentationClass/{image_id}.png"
 
     def _source(self, items):
-        """external_source callback: this rank's masks (and augmentation parameters) of DALI iteration k."""
+        """external_source callback: this rank's masks, indices (and augmentation parameters) of one DALI iteration."""
         transform = self.dataset.transform
 
         def batch(info):
@@ -164,6 +163,8 @@ class DaliLoader:
         mine = lists[self.rank]
         transform = self.dataset.transform
         mean, std = normalisation(transform)
+        # On a GPU (written for it, not yet run on one): JPEGs decode on it (device="mixed"), the masks are copied to
+        # it, and resize/normalise/slice/flip/pad run there; the per-sample arguments stay CPU inputs, as DALI wants.
         pipe = self.Pipeline(batch_size=self.batch_size, num_threads=self.threads,
                              device_id=self.device.index if self.gpu else None, prefetch_queue_depth=2)
         with pipe:
@@ -213,7 +214,8 @@ class DaliLoader:
             for k, real in enumerate(sizes):
                 image, mask, index, mask_index = pipe.run()
                 expected = [i for i, _ in lists[self.rank][k * self.batch_size:k * self.batch_size + real]]
-                read = [int(np.asarray(index[j].as_cpu() if self.gpu else index[j]).reshape(-1)[0]) for j in range(real)]
+                # both indices are CPU outputs (the reader's labels and the external source's), on a GPU run too
+                read = [int(np.asarray(index[j]).reshape(-1)[0]) for j in range(real)]
                 if read != expected or [int(np.asarray(mask_index[j])) for j in range(real)] != expected:
                     raise RuntimeError(f"DALI read samples {read} where {expected} were expected (rank {self.rank}, "
                                        f"batch {k}): the image reader and the mask source are out of step")
