@@ -29,7 +29,7 @@ def test_without_dali_the_run_stops_with_one_line_naming_the_install_command(tmp
     hidden = tmp_path / "hide" / "nvidia" / "dali"  # shadows an installed nvidia.dali with one that fails to import
     hidden.mkdir(parents=True)
     (hidden.parent / "__init__.py").write_text("__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n")
-    (hidden / "__init__.py").write_text("raise ImportError('No module named nvidia.dali (hidden by the test)')\n")
+    (hidden / "__init__.py").write_text("raise ModuleNotFoundError('No module named nvidia.dali (hidden by the test)')\n")
     proc = run(["train.py", *TINY, "--dataset_path", tiny_data, "--numclasses", "5", "--loader", "dali",
                 "--logdir", str(tmp_path / "run")], tmp_path, env={"PYTHONPATH": str(tmp_path / "hide")}, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
