@@ -22,7 +22,7 @@ from core import config, distributed
 from data import components
 from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
-from data.loaders import build_eval_loader
+from data.dali import add_loader_args, loader_builders
 from evaluation import inference, report
 from evaluation.evaluate import evaluate
 from tasks.base import headline, trained_args
@@ -47,6 +47,7 @@ def get_args_parser():
                    help="images per process per step; default 1 for segmentation (>1 needs one image size), the "
                         "checkpoint's --val_batchsize for classification")
     g.add_argument("--workers", type=int, default=2)
+    add_loader_args(g)
     add_plugin_arg(g)
     inference.add_inference_args(p, crop_help="window side for --sliding; default: the checkpoint's training crop")
     models.add_model_args(p, training=False)
@@ -76,6 +77,7 @@ def main(args):
         names = ckpt.get("class_names") or [f"class {i}" for i in range(numclasses)]
     if args.batchsize > 1:
         check_one_size(dataset, args)
+    build_eval_loader = loader_builders(args, ctx, task.name)[1]
     loader = build_eval_loader(dataset, args.batchsize, args.workers, ctx.rank, ctx.world_size,
                                collate_fn=task.eval_collate)
 

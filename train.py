@@ -21,7 +21,7 @@ from core import config, distributed
 from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
 from data import components
-from data.loaders import build_eval_loader, build_train_loader
+from data.dali import add_loader_args, loader_builders
 from engine import checkpoint, faults, recipe
 from engine.loop import Run, show_progress, train_one_epoch, updates_per_epoch
 from engine.optim import (OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer,
@@ -50,6 +50,7 @@ def get_args_parser():
     g.add_argument("--val_split", default="val")
     g.add_argument("--hflip_prob", type=float, default=0.5)
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    add_loader_args(g)
     g.add_argument("--dataset_kwargs", type=config.json_table, default=None, metavar="JSON",
                    help="keyword arguments of a dataset registered with DATASETS.register_module()")
     g.add_argument("--val_dataset_kwargs", type=config.json_table, default=None, metavar="JSON",
@@ -147,6 +148,7 @@ def main(args):
     changed = checkpoint.check_settings(ckpt, args, resume_path) if ckpt is not None else []
     recipe.check_recipe_args(args)
     checkpoint.check_save_args(args)
+    build_train_loader, build_eval_loader = loader_builders(args, ctx, args.task)  # --loader dali: is DALI there?
     log = utils.setup_logging(ctx, os.path.join(args.log_dir or args.logdir, "train.log") if ctx.is_main else None,
                               args.log_level, args.log_format)
     if changed:
