@@ -4,9 +4,9 @@
                                        [--passes 3] [--data_cache DIR] [--out FILE.md]
 
 segmentation: the suite's "voc" dataset (data/voc.py's registry: cv2 JPEG + PIL palette PNG reads, TrainTransform) vs
-  decode_jpeg + PIL label -> RandomScale (below) -> RandomCrop(pad_if_needed, fill image=mean colour, mask=255) ->
-  RandomHorizontalFlip -> ToDtype(image float32 scaled, mask int64) -> Normalize, on the built-in 128 px scenes.
-classification: the suite's "folder" dataset (cv2 read, cls_transforms.TrainTransform) vs decode_image(RGB) ->
+  PIL decodes (image RGB, label palette indices) -> RandomScale (below) -> RandomCrop(pad_if_needed, fill image =
+  mean colour, mask = 255) -> RandomHorizontalFlip -> ToDtype(image float32 scaled, mask int64) -> Normalize, on the built-in 128 px scenes.
+classification: the suite's "folder" dataset (cv2 read, cls_transforms.TrainTransform) vs PIL decode (RGB) ->
   RandomResizedCrop -> RandomHorizontalFlip -> ToDtype -> Normalize -> RandomRotation(fill 0), on the built-in digits.
 Settings are the training defaults (train.py / tasks/*.py), except classification's hflip_prob 0.5 (default 0) so
 that the flip is part of the work. Both pipelines run in the same loader: data.loaders.build_train_loader, i.e. the
@@ -32,7 +32,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision import io as tvio, tv_tensors  # noqa: E402
+from torchvision import tv_tensors  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
@@ -82,7 +82,8 @@ class RandomScale(v2.Transform):
     def transform(self, inpt, params):
         h, w = F.get_size(inpt)
         size = [max(1, round(h * params["scale"])), max(1, round(w * params["scale"]))]
-        mode = v2.InterpolationMode.NEAREST_EXACT if isinstance(inpt, tv_tensors.Mask) else v2.InterpolationMode.BILINEAR
+        mask = isinstance(inpt, tv_tensors.Mask)
+        mode = v2.InterpolationMode.NEAREST_EXACT if mask else v2.InterpolationMode.BILINEAR
         return self._call_kernel(F.resize, inpt, size, interpolation=mode, antialias=False)
 
 
@@ -105,7 +106,8 @@ def v2_classification_transform(cfg=CLS):
 
 
 class V2Segmentation(torch.utils.data.Dataset):
-    """The same split and files as the suite's dataset: JPEG decoded by torchvision.io, palette PNG indices by PIL."""
+    """The same split and files as the suite's dataset, decoded by PIL (torchvision.io's decoders are deprecated in
+    0.29): the JPEG as an RGB tv_tensors.Image, the palette PNG's indices as a tv_tensors.Mask."""
 
     def __init__(self, root, transform, split="train"):
         self.root, self.ids, self.transform = root, voc._read_list(root, split), transform
@@ -115,7 +117,8 @@ class V2Segmentation(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image_path, label_path = voc._sample_paths(self.root, self.ids[index])
-        image = tv_tensors.Image(tvio.decode_jpeg(tvio.read_file(image_path)))
+        with Image.open(image_path) as im:
+            image = tv_tensors.Image(F.pil_to_tensor(im.convert("RGB")))
         with Image.open(label_path) as im:
             mask = tv_tensors.Mask(torch.from_numpy(np.array(im)))
         image, mask = self.transform(image, mask)
@@ -133,7 +136,8 @@ class V2Classification(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, label = self.items[index]
-        image = tv_tensors.Image(tvio.decode_image(path, mode=tvio.ImageReadMode.RGB))
+        with Image.open(path) as im:
+            image = tv_tensors.Image(F.pil_to_tensor(im.convert("RGB")))
         return self.transform(image).as_subclass(torch.Tensor), label
 
 
@@ -182,7 +186,7 @@ def check_equivalence(task, datasets, samples=4, cfg=None):
         (a_img, a_tgt), (b_img, b_tgt) = (_seeded(datasets[name], index, 1000 + index) for name in ("suite", "v2"))
         for name, img in (("suite", a_img), ("v2", b_img)):
             assert type(img) is torch.Tensor and img.dtype == torch.float32 and img.shape == (3, *size), \
-                f"{task} {name} image #{index}: {type(img).__name__} {img.dtype} {tuple(img.shape)}; expected float32 3x{size}"
+                f"{task} {name} image #{index}: {img.dtype} {tuple(img.shape)}; expected float32 3x{size}"
             assert bool(((img >= lo) & (img <= hi)).all()), f"{task} {name} image #{index} is outside normalised 0..1"
         assert abs(float(a_img.mean() - b_img.mean())) < 1.0, f"{task}: image means differ (normalisation?)"
         if task == "segmentation":
