@@ -5,7 +5,8 @@
 
 segmentation: the suite's "voc" dataset (data/voc.py's registry: cv2 JPEG + PIL palette PNG reads, TrainTransform) vs
   PIL decodes (image RGB, label palette indices) -> RandomScale (below) -> RandomCrop(pad_if_needed, fill image =
-  mean colour, mask = 255) -> RandomHorizontalFlip -> ToDtype(image float32 scaled, mask int64) -> Normalize, on the built-in 128 px scenes.
+  mean colour, mask = 255) -> RandomHorizontalFlip -> ToDtype(image float32 scaled, mask int64) -> Normalize,
+  on the built-in 128 px scenes.
 classification: the suite's "folder" dataset (cv2 read, cls_transforms.TrainTransform) vs PIL decode (RGB) ->
   RandomResizedCrop -> RandomHorizontalFlip -> ToDtype -> Normalize -> RandomRotation(fill 0), on the built-in digits.
 Settings are the training defaults (train.py / tasks/*.py), except classification's hflip_prob 0.5 (default 0) so
