@@ -51,22 +51,26 @@ class TrainTransform:
                                     else cv2.INTER_NEAREST_EXACT) for key, m in maps.items()}
             h, w = size[1], size[0]
         # The crop window may stick out of a small image; sticking out is padding, on a random side.
-        y0 = np.random.randint(min(0, h - self.crop_h), max(0, h - self.crop_h) + 1)
-        x0 = np.random.randint(min(0, w - self.crop_w), max(0, w - self.crop_w) + 1)
-        sy, sx = slice(max(y0, 0), min(y0 + self.crop_h, h)), slice(max(x0, 0), min(x0 + self.crop_w, w))
+        ch, cw = self.crop_h, self.crop_w
+        y0 = np.random.randint(min(0, h - ch), max(0, h - ch) + 1)
+        x0 = np.random.randint(min(0, w - cw), max(0, w - cw) + 1)
+        flip = np.random.random() < self.hflip_prob
+        sy, sx = slice(max(y0, 0), min(y0 + ch, h)), slice(max(x0, 0), min(x0 + cw, w))
         dy, dx = slice(sy.start - y0, sy.stop - y0), slice(sx.start - x0, sx.stop - x0)
-        out_image = np.zeros((self.crop_h, self.crop_w, 3), np.float32)     # 0 is the mean after normalising
-        out_image[dy, dx] = image[sy, sx].astype(np.float32) * self.scale + self.shift
-        out = {}
+        if flip:  # flip by copying the source columns in reverse order into the mirrored destination columns
+            dx, sx = slice(cw - dx.stop, cw - dx.start), slice(sx.stop - 1, sx.start - 1 if sx.start else None, -1)
+        # Normalise straight into the CHW output: no HWC float copy, no flip copy, no transpose copy.
+        out_image = np.zeros((3, ch, cw), np.float32)     # 0 is the mean after normalising
+        window = out_image[:, dy, dx]
+        np.multiply(image[sy, sx].transpose(2, 0, 1), self.scale[:, None, None], out=window)
+        window += self.shift[:, None, None]
+        tensors = {}
         for key, m in maps.items():
-            out[key] = np.full((self.crop_h, self.crop_w), 0 if key in weights else IGNORE_INDEX, np.uint8)
-            out[key][dy, dx] = m[sy, sx]
-        if np.random.random() < self.hflip_prob:
-            out_image, out = out_image[:, ::-1], {key: m[:, ::-1] for key, m in out.items()}
-        tensors = {key: torch.from_numpy(np.ascontiguousarray(m) if key in weights else m.astype(np.int64))
-                   for key, m in out.items()}
-        return (torch.from_numpy(np.ascontiguousarray(out_image.transpose(2, 0, 1))),
-                tensors if isinstance(label, dict) else tensors["label"])
+            weight = key in weights
+            out = np.full((ch, cw), 0 if weight else IGNORE_INDEX, np.uint8 if weight else np.int64)
+            out[dy, dx] = m[sy, sx]
+            tensors[key] = torch.from_numpy(out)
+        return torch.from_numpy(out_image), tensors if isinstance(label, dict) else tensors["label"]
 
 
 class EvalTransform:
