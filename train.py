@@ -26,7 +26,7 @@ from engine import checkpoint, faults, recipe
 from engine.loop import Run, show_progress, train_one_epoch, updates_per_epoch
 from engine.optim import (OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer,
                           load_optimizer_state, lr_at)
-from engine.records import GpuMonitor, Recorder, add_monitor_args, gpu_memory_scalars, peak_memory
+from engine.records import GpuMonitor, Recorder, add_monitor_args, memory_scalars, peak_memory
 from evaluation.evaluate import evaluate
 from evaluation.inference import PredictOptions
 from models.losses import FOCAL_GAMMA, LOSSES
@@ -350,15 +350,17 @@ def check_classes(expected, found):
 def record_epoch(recorder, epoch, step, train, val, class_names):
     """One epoch's numbers to TensorBoard/W&B, events.jsonl and a row of summary.csv, all derived from the
     metrics dict."""
+    memory = memory_scalars()
     scalars = {"epoch/train_loss": train["loss"], **{f"epoch/train_loss_{k}": v for k, v in train["terms"].items()},
                "epoch/lr": train["lr"], "epoch/images_per_s": train["images_per_s"],
-               "epoch/data_wait": train["data_wait"], **record_scalars(val, class_names), **gpu_memory_scalars()}
+               "epoch/data_wait": train["data_wait"], **record_scalars(val, class_names), **memory}
     recorder.scalars(scalars, epoch)
     recorder.event({"epoch": epoch, "step": step, "time": time.time(), **scalars})
     recorder.epoch_row({"epoch": epoch, "lr": f"{train['lr']:.6g}", "train_loss": f"{train['loss']:.6f}",
                         **{f"train_loss_{k}": f"{v:.6f}" for k, v in train["terms"].items()},
                         **record_row(val, class_names), "epoch_time": f"{train['time']:.2f}",
-                        "images_per_s": f"{train['images_per_s']:.2f}", "data_wait": f"{train['data_wait']:.3f}"})
+                        "images_per_s": f"{train['images_per_s']:.2f}", "data_wait": f"{train['data_wait']:.3f}",
+                        **{name.split("/")[1]: f"{v:.1f}" for name, v in memory.items()}})
 
 
 def cli(argv=None, cfg=None):

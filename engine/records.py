@@ -3,6 +3,7 @@
 Rank 0 owns every sink; on other ranks the Recorder is inert, so callers never branch on the rank.
 The GPU monitor is the exception: local rank 0 of each node watches that node's GPUs.
 """
+import contextlib
 import csv
 import json
 import logging
@@ -11,6 +12,7 @@ import resource
 import socket
 import threading
 
+import psutil
 import torch
 
 log = logging.getLogger("ailab")
@@ -112,12 +114,21 @@ def start_wandb(args):
                       config={k: v for k, v in vars(args).items()}, name=os.path.basename(args.logdir))
 
 
-def gpu_memory_scalars():
-    """This process's GPU memory for TensorBoard (nothing on the CPU)."""
-    if not torch.cuda.is_available():
-        return {}
-    return {"gpu/max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
-            "gpu/reserved_mib": torch.cuda.memory_reserved() / 2**20}
+def memory_scalars():
+    """This process's memory now, in MiB: resident (RSS) of the process and of its children (loader workers and
+    their fork server), and on a GPU the allocator's peak and reserved memory. Recorded every epoch, so a leak
+    shows as a rising curve."""
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    workers = 0
+    for child in children:
+        with contextlib.suppress(psutil.Error):  # a worker may exit between the listing and the reading
+            workers += child.memory_info().rss
+    out = {"memory/rss_mib": me.memory_info().rss / 2**20, "memory/workers_rss_mib": workers / 2**20}
+    if torch.cuda.is_available():
+        out.update({"gpu/max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+                    "gpu/reserved_mib": torch.cuda.memory_reserved() / 2**20})
+    return out
 
 
 def peak_memory():
