@@ -152,20 +152,14 @@ def build_pipelines(task, cache):
 
 
 def dali_loader(task, root, cfg, workers, batch):
-    """Optional third column, TO BE WIRED when data/dali.py lands (another branch; its API is not fixed yet).
-    Expected contract: data.dali.benchmark_loader(task, root, cfg, workers, batch) returns a re-iterable of
-    (images, targets) batches, one epoch per iteration, doing the same work as the other two columns. Returns None
-    (and the table says "dali: not installed") unless both data.dali and nvidia.dali can be imported."""
-    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
-        return None
-    if importlib.util.find_spec("data.dali") is None:
+    """The third column: (loader, sampler) of data/dali.py's pipeline on the same dataset, with max(1, workers) DALI
+    threads in place of loader workers; None when NVIDIA DALI is not installed or the task has no DALI loader
+    (classification)."""
+    if task != "segmentation" or importlib.util.find_spec("nvidia") is None \
+            or importlib.util.find_spec("nvidia.dali") is None:
         return None
     from data import dali
-    build = getattr(dali, "benchmark_loader", None)
-    if build is None:
-        print("dali: data.dali has no benchmark_loader(task, root, cfg, workers, batch) yet; not timed")
-        return None
-    return build(task, root, cfg, workers, batch)
+    return dali.build_train_loader(suite_segmentation(root, cfg), batch, 0, 1, seed=0, threads=max(1, workers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +233,7 @@ def measure(task, root, datasets, workers, repeats, passes):
         loaders = {name: build_train_loader(ds, cfg["batch"], w, 0, 1, seed=0) for name, ds in datasets.items()}
         dali = dali_loader(task, root, cfg, w, cfg["batch"])
         if dali is not None:
-            loaders["dali"] = (dali, None)
+            loaders["dali"] = dali
         for name, (loader, sampler) in loaders.items():
             images_per_second(loader, sampler, 1)                  # warm-up: worker start, first batches
         for _ in range(repeats):
@@ -295,7 +289,7 @@ def main(argv=None):
                  f"{ {k: v for k, v in cfg.items() if k != 'batch'} }; equivalence checked (max |suite - v2| "
                  f"at identity settings: {diff:.1e})"]
         if dali_loader(task, root, cfg, 0, cfg["batch"]) is None:
-            block.append("dali: not installed")
+            block.append("dali: not timed (NVIDIA DALI not installed, or no DALI loader for this task)")
         rates = measure(task, root, datasets, args.workers, args.repeats, args.passes)
         block += ["", table(task, rates, args.workers), ""]
         print("\n".join(block), flush=True)
