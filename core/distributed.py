@@ -214,25 +214,13 @@ def _run(what, collective, *args, **kwargs):
 
 def all_reduce_sum(tensor):
     """Sum a tensor over all ranks in place, on whatever device it lives; returns it."""
-    return all_reduce_sum_start(tensor)()
-
-
-def all_reduce_sum_start(tensor):
-    """Start summing `tensor` over all ranks in place and return at once; the returned function waits for the sum
-    and returns the tensor. What the caller does in between (a backward pass) overlaps the exchange: gloo runs it
-    on its own thread, NCCL on its own stream. Do not touch the tensor before waiting."""
-    if not is_initialized():
-        return lambda: tensor
-    what = f"all_reduce of a {tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')} tensor"
-    on_comm = tensor.to(_comm_device)
-    work = _run(what, dist.all_reduce, on_comm, op=dist.ReduceOp.SUM, async_op=True)
-
-    def finish():
-        _run(what, work.wait)
+    if is_initialized():
+        on_comm = tensor.to(_comm_device)
+        _run(f"all_reduce of a {tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')} tensor",
+             dist.all_reduce, on_comm, op=dist.ReduceOp.SUM)
         if on_comm is not tensor:
             tensor.copy_(on_comm)
-        return tensor
-    return finish
+    return tensor
 
 
 def broadcast_object(obj):

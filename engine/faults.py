@@ -10,7 +10,7 @@ import signal
 
 import torch
 
-from core.distributed import all_reduce_sum_start
+from core.distributed import all_reduce_sum
 
 log = logging.getLogger("ailab")
 
@@ -62,22 +62,18 @@ class Guard:
         elif buffers:
             torch._foreach_copy_(self.snapshot, [b.detach() for b in buffers])
 
-    def start(self, sums):
-        """After the forward pass of a group's last batch, on every rank: start one all-reduce of the group's summed
-        loss and terms (`sums`, a device tensor) with this rank's stop flag. It runs while the backward pass does;
-        `agree` waits for it."""
+    def agree(self, sums, batches, world_size, terms, lr, epoch, batch, step):
+        """After the forward pass of a group's last batch, on every rank: one all-reduce of the group's summed loss and
+        terms (`sums`, a device tensor over `batches` batches) with this rank's stop flag, read with one host sync.
+        It runs before the backward pass, so a rank that never arrives is reported by this named collective (after
+        --dist_timeout), not from inside DDP's gradient all-reduce.
+
+        Returns (mean loss, {term: mean}, dropped), the same on every rank. A sum over ranks and batches is finite
+        only when every loss in it is, so `dropped` is True when some rank's loss was not finite and --nan_policy
+        skip allows dropping the group (its batch-norm statistics are then rolled back); raises Stop when the run
+        must end instead. A stop signal on any rank is remembered in `stop_pending` for after the update."""
         flag = torch.tensor([0.0 if self.signal is None else 1.0], device=sums.device)
-        return all_reduce_sum_start(torch.cat([sums.detach(), flag]))
-
-    def agree(self, pending, batches, world_size, terms, lr, epoch, batch, step):
-        """Before the update, on every rank: wait for `start`'s sums (`batches` batches on each rank) and read them
-        with one host sync. Returns (mean loss, {term: mean}, dropped), the same on every rank.
-
-        A sum over ranks and batches is finite only when every loss in it is, so `dropped` is True when some rank's
-        loss was not finite and --nan_policy skip allows dropping the group (its batch-norm statistics are then
-        rolled back); raises Stop when the run must end instead. A stop signal on any rank is remembered in
-        `stop_pending` for after the update."""
-        values = pending().tolist()
+        values = all_reduce_sum(torch.cat([sums.detach(), flag])).tolist()
         self.stop_pending = self.stop_pending or values[-1] > 0
         count = batches * world_size
         value, term_values = values[0] / count, {k: v / count for k, v in zip(terms, values[1:-1])}

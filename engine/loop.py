@@ -78,9 +78,9 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
     equals one batch K times larger; DDP all-reduces only on the batch that completes a group (no_sync()).
 
     The host waits for the device once per update, not once per batch: the group's loss and terms are summed on
-    the device, and one all-reduce of them (with each rank's stop flag), started before the group's last backward
-    pass and read after it, tells every rank the same three things: the mean loss over ranks for the log, whether any rank's loss was not finite (the group
-    is then dropped, run.guard), and whether any rank was asked to stop (acted on after the update).
+    the device, and one all-reduce of them (with each rank's stop flag) after the group's last forward pass tells
+    every rank the same three things: the mean loss over ranks for the log, whether any rank's loss was not finite
+    (the group is then dropped, run.guard), and whether any rank was asked to stop (acted on after the update).
     """
     model, optimizer, amp, guard, ctx, args = run.model, run.optimizer, run.amp, run.guard, run.ctx, run.args
     set_train_mode(model, args.freeze_bn)
@@ -104,18 +104,19 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
             lr = run.lr_fn(step)
             set_lr(optimizer, lr)
             guard.begin_group(buffers)
-        # forward, backward (a non-finite loss goes through backward too: every rank runs the same collectives,
-        # and the group's gradients are thrown away before the update)
+        # forward; at a group's last batch, one all-reduce and one host sync decide for every rank; backward
         with contextlib.nullcontext() if updates or not hasattr(model, "no_sync") else model.no_sync():
             with amp.autocast():
                 loss, terms = forward_loss(model, run.criterion, image, target)
             batch_sums = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())])
             sums = batch_sums if i == group_start else sums + batch_sums
-            pending = guard.start(sums) if updates else None  # one all-reduce per update, during the backward
-            amp.scaler.scale(loss / group_size).backward()
-        if updates:  # one host sync per update
-            value, term_values, dropped = guard.agree(pending, group_size, ctx.world_size, terms, lr, epoch,
-                                                      group_start, step)
+            dropped = False
+            if updates:
+                value, term_values, dropped = guard.agree(sums, group_size, ctx.world_size, terms, lr, epoch,
+                                                          group_start, step)
+            if not dropped:  # (earlier batches of a dropped group went through backward: their gradients go below)
+                amp.scaler.scale(loss / group_size).backward()
+        if updates:
             if not dropped:
                 if args.clip_grad_norm:
                     amp.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones

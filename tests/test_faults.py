@@ -278,8 +278,7 @@ def test_first_ctrl_c_asks_to_stop_and_the_second_quits_at_once():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)  # the handler runs in the main thread between bytecodes
         assert guard.signal == signal.SIGINT and not guard.stop_pending
-        pending = guard.start(torch.tensor([2.0, 1.5]))
-        assert guard.agree(pending, 2, 1, {"ce": None}, 0.1, 0, 0, 0) == (1.0, {"ce": 0.75}, False)
+        assert guard.agree(torch.tensor([2.0, 1.5]), 2, 1, {"ce": None}, 0.1, 0, 0, 0) == (1.0, {"ce": 0.75}, False)
         assert guard.stop_pending
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)

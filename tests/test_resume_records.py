@@ -81,5 +81,6 @@ def test_a_stuck_rank_ends_the_job_with_one_line_naming_the_collective(tmp_path,
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
-    assert "all_reduce of a (2,) float32 tensor across 2 processes failed on rank 0" in errors[0]
+    # the update's all-reduce: the loss, its one term and the stop flag
+    assert "all_reduce of a (3,) float32 tensor across 2 processes failed on rank 0" in errors[0]
     assert "--dist_timeout" in errors[0]
