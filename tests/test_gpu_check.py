@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -108,3 +109,19 @@ def test_onnx_row_skips_without_the_packages(tmp_path, monkeypatch):
     row = check.export_row("onnx")
     assert row.status == "SKIP" and row.note == "skip: onnxscript not installed (pip install onnxscript)"
     assert "export-onnx" not in check.commands and (tmp_path / "gpu_check.md").exists()
+
+
+def test_step_overhead_row_reads_the_benchmarks_ratio(tmp_path, monkeypatch):
+    """The row runs benchmarks/step_overhead.py for real (here on the CPU, with gpu_mode forced) and its note carries
+    the benchmark's ratio; a run that prints no ratio line fails the row."""
+    gc = load_module()
+    monkeypatch.setenv("GPU_CHECK_DEVICE", "cpu")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    check = gc.Check()
+    check.deadline = gc.time.monotonic() + 120
+    check.gpu_mode = True
+    row = check.step_overhead_row("tiny")
+    assert row.status == "PASS", (row.note, (tmp_path / "step-overhead-tiny.log").read_text())
+    assert re.fullmatch(r"suite \S+ ms/step, bare \S+ ms/step, ratio \d+\.\d+ \(range \S+\)", row.note), row.note
+    monkeypatch.setattr(check, "python", "true")  # exits 0 and prints nothing
+    assert check.step_overhead_row("tiny").status == "FAIL"

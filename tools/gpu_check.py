@@ -377,6 +377,20 @@ class Check:
                 row.note = short("; ".join(results), 300)
         return self.row("nccl-cpu-tensor-rule", fn, gpu_only="NCCL needs CUDA")
 
+    def step_overhead_row(self, model):
+        """benchmarks/step_overhead.py: the suite's training loop against a bare loop on the GPU, where its host
+        syncs cost (on a CPU they do not; the CPU figures are in the README)."""
+        name = "step-overhead" + ("-tiny" if model == "tiny" else "")
+
+        def fn(row, limit):
+            rc, seconds, text = self.run(name, [self.python, "benchmarks/step_overhead.py", "--model", model,
+                                                "--pairs", "4"], limit)
+            m = re.search(r"suite (\S+ ms/step), bare (\S+ ms/step), ratio (\S+ \(range [^)]*\))", text)
+            self.finish(row, rc, seconds, text, None if m else "no ratio line in its output")
+            if row.status == "PASS":
+                row.note = f"suite {m.group(1)}, bare {m.group(2)}, ratio {m.group(3)}"
+        return self.row(name, fn, gpu_only="the CPU figures are benchmarks/step_overhead.py's, in the README")
+
     def main(self):
         self.probe()
         os.makedirs(self.out, exist_ok=True)
@@ -404,6 +418,8 @@ class Check:
                 self.write_markdown()
             else:
                 self.train("ddp-2proc", nproc=2, expect=[backend], gpu_only="2 GPU processes with NCCL")
+            self.step_overhead_row("default")
+            self.step_overhead_row("tiny")
             if gpu or self.cpu_compile:
                 self.train("train-compile", ["--compile"], steps=self.compile_steps, timeout=self.compile_timeout)
             else:

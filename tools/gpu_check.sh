@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check of the GPU paths that CPU machines cannot test: a few training steps in fp32, AMP bfloat16,
 # AMP float16 (GradScaler), channels-last and torch.compile, torchrun + NCCL (1 process; 2 when 2+ GPUs are
-# visible), the NCCL CPU-tensor rule, test.py, infer.py and both exports. Prints a PASS/FAIL/SKIP table with
+# visible), the NCCL CPU-tensor rule, test.py, infer.py, both exports, and the training loop's per-step cost
+# against a bare loop (benchmarks/step_overhead.py). Prints a PASS/FAIL/SKIP table with
 # seconds, images/s and peak GPU memory; exit code 0 only if no row failed.
 #
 #   bash tools/gpu_check.sh                              # from the repo root, on a CUDA machine (no network needed)
