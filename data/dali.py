@@ -76,25 +76,6 @@ def check_dataset(dataset, train):
                         f"with the suite's own transforms; got {type(dataset).__name__}; use --loader opencv")
 
 
-def train_params(transform, seed, height, width):
-    """(out_h, out_w, y0, x0, flip) of one sample, drawn like TrainTransform.__call__ after np.random.seed(seed)."""
-    rng = np.random.RandomState(seed)
-    scale = rng.uniform(*transform.scale_range)
-    h, w = (max(1, round(height * scale)), max(1, round(width * scale))) if scale != 1.0 else (height, width)
-    ch, cw = transform.crop_h, transform.crop_w
-    y0 = rng.randint(min(0, h - ch), max(0, h - ch) + 1)
-    x0 = rng.randint(min(0, w - cw), max(0, w - cw) + 1)
-    return h, w, y0, x0, rng.random() < transform.hflip_prob
-
-
-def normalisation(transform):
-    """(mean, std) in 0..1 of a TrainTransform (which keeps them as 1/(255 std) and -mean/std) or EvalTransform."""
-    if hasattr(transform, "mean"):
-        return tuple(transform.mean), tuple(transform.std)
-    std = 1.0 / (255.0 * np.asarray(transform.scale, np.float64))
-    return tuple(-np.asarray(transform.shift, np.float64) * std), tuple(std)
-
-
 class DaliLoader:
     """Iterable of (image float NCHW, label int64 NHW) batches of one rank, built from a fresh DALI pipeline per pass.
 
@@ -148,7 +129,7 @@ class DaliLoader:
                 mask = read_label(self._paths(index)[1])
                 values = [mask[..., None], np.int32(index)]
                 if self.train:
-                    h, w, y0, x0, flip = train_params(transform, seed, *mask.shape)
+                    h, w, y0, x0, flip = transform.draw(*mask.shape, np.random.RandomState(seed))
                     values += [np.float32(h), np.float32(w), np.array([y0, x0], np.int32),
                                np.array([transform.crop_h, transform.crop_w], np.int32), np.int32(flip)]
                 for column, value in zip(out, values):
@@ -162,7 +143,7 @@ class DaliLoader:
         files = [self._paths(index)[0] for items in lists for index, _ in items]
         mine = lists[self.rank]
         transform = self.dataset.transform
-        mean, std = normalisation(transform)
+        mean, std = transform.mean, transform.std
         # On a GPU (written for it, not yet run on one): JPEGs decode on it (device="mixed"), the masks are copied to
         # it, and resize/normalise/slice/flip/pad run there; the per-sample arguments stay CPU inputs, as DALI wants.
         pipe = self.Pipeline(batch_size=self.batch_size, num_threads=self.threads,
@@ -227,10 +208,7 @@ class DaliLoader:
 
 def build_train_loader(dataset, batch_size, rank, world_size, seed, threads=2, device="cpu"):
     """(loader, sampler) like data.loaders.build_train_loader: call sampler.set_epoch(epoch[, start_batch])."""
-    per_rank = -(-len(dataset) // world_size)
-    if per_rank < batch_size:
-        raise UserError(f"training split has {len(dataset)} images, {per_rank} per process over {world_size} "
-                        f"process(es), fewer than batch_size={batch_size}; expected at least one full batch")
+    loaders.check_full_batch(dataset, batch_size, world_size)
     sampler = TrainSampler(dataset, world_size, rank, seed, batch_size)
     return DaliLoader(dataset, batch_size, rank, world_size, True, threads, device, sampler), sampler
 

@@ -89,12 +89,18 @@ class SeededSamples(Dataset):
         return self.dataset[index]
 
 
-def build_train_loader(dataset, batch_size, workers, rank, world_size, seed, drop_last=True, collate_fn=None):
-    """(loader, sampler) with a shuffling TrainSampler; call sampler.set_epoch(epoch[, start_batch]) every epoch."""
+def check_full_batch(dataset, batch_size, world_size):
+    """A training loader that drops its last short batch needs at least one full batch on every rank."""
     per_rank = -(-len(dataset) // world_size)
-    if drop_last and per_rank < batch_size:
+    if per_rank < batch_size:
         raise UserError(f"training split has {len(dataset)} images, {per_rank} per process over {world_size} "
                         f"process(es), fewer than batch_size={batch_size}; expected at least one full batch")
+
+
+def build_train_loader(dataset, batch_size, workers, rank, world_size, seed, drop_last=True, collate_fn=None):
+    """(loader, sampler) with a shuffling TrainSampler; call sampler.set_epoch(epoch[, start_batch]) every epoch."""
+    if drop_last:
+        check_full_batch(dataset, batch_size, world_size)
     sampler = TrainSampler(dataset, world_size, rank, seed, batch_size)
     return make_loader(SeededSamples(dataset), batch_size, workers, sampler, drop_last, collate_fn), sampler
 

@@ -33,7 +33,19 @@ class TrainTransform:
         self.crop_h, self.crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         self.scale_range, self.hflip_prob = tuple(scale_range), hflip_prob
         self.weight_maps = tuple(weight_maps)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.scale, self.shift = _normalize_coefficients(mean, std)
+
+    def draw(self, height, width, rng=np.random):
+        """(height and width after the random scale, crop top, crop left, flip) of one sample, drawn from `rng` in
+        this order; data/dali.py draws them from a sample's seed the same way."""
+        scale = rng.uniform(*self.scale_range)
+        if scale != 1.0:
+            height, width = max(1, round(height * scale)), max(1, round(width * scale))
+        # The crop window may stick out of a small image; sticking out is padding, on a random side.
+        y0 = rng.randint(min(0, height - self.crop_h), max(0, height - self.crop_h) + 1)
+        x0 = rng.randint(min(0, width - self.crop_w), max(0, width - self.crop_w) + 1)
+        return height, width, y0, x0, rng.random() < self.hflip_prob
 
     def __call__(self, image, label):
         """label: uint8 HxW, or a dict of such maps that all get the same geometry. A map named in
@@ -41,20 +53,14 @@ class TrainTransform:
         weight) and is returned as uint8; every other map is a label: nearest resizing, padded with 255."""
         maps = label if isinstance(label, dict) else {"label": label}
         weights = self.weight_maps
-        scale = np.random.uniform(*self.scale_range)
-        h, w = next(iter(maps.values())).shape
-        if scale != 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        h, w, y0, x0, flip = self.draw(*next(iter(maps.values())).shape)
+        if (h, w) != image.shape[:2]:
+            size = (w, h)
             image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
             # NEAREST_EXACT samples at pixel centres like INTER_LINEAR; plain NEAREST is off by half a pixel
             maps = {key: cv2.resize(m, size, interpolation=cv2.INTER_LINEAR if key in weights
                                     else cv2.INTER_NEAREST_EXACT) for key, m in maps.items()}
-            h, w = size[1], size[0]
-        # The crop window may stick out of a small image; sticking out is padding, on a random side.
         ch, cw = self.crop_h, self.crop_w
-        y0 = np.random.randint(min(0, h - ch), max(0, h - ch) + 1)
-        x0 = np.random.randint(min(0, w - cw), max(0, w - cw) + 1)
-        flip = np.random.random() < self.hflip_prob
         sy, sx = slice(max(y0, 0), min(y0 + ch, h)), slice(max(x0, 0), min(x0 + cw, w))
         dy, dx = slice(sy.start - y0, sy.stop - y0), slice(sx.start - x0, sx.stop - x0)
         if flip:  # flip by copying the source columns in reverse order into the mirrored destination columns

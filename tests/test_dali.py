@@ -159,7 +159,7 @@ def test_joint_scale_crop_flip_keep_every_labelled_pixel_on_its_colour(tmp_path,
             assert torch.equal(nearest[keep], label[keep]), f"{(nearest[keep] != label[keep]).sum()} pixels off"
             labelled += int(keep.sum())
             padded += int((image == 0).all(1).any(-1).any(-1).sum())  # the mean colour: a padded strip
-    flipped = sum(dali.train_params(dataset.transform, seed, 80, 48)[4]
+    flipped = sum(dataset.transform.draw(80, 48, np.random.RandomState(seed))[4]
                   for epoch in range(3) for _, seed in epoch_items(dataset, epoch))
     assert labelled > 10000 and padded > 0 and 0 < flipped < 18  # scale, padding and both flip outcomes happened
 
