@@ -56,8 +56,8 @@ class Guard:
 
     def begin_group(self, buffers):
         """Remember the buffers (batch-norm statistics) before a group's forward passes, to undo a dropped group.
-        The copies are made once and refilled with one fused copy per group, not allocated anew."""
-        if len(buffers) != len(self.snapshot) or any(b is not a for b, a in zip(buffers, self.buffers)):
+        The copies are made for each new list of buffers (once an epoch) and refilled with one fused copy per group."""
+        if buffers is not self.buffers:
             self.buffers, self.snapshot = buffers, [b.detach().clone() for b in buffers]
         elif buffers:
             torch._foreach_copy_(self.snapshot, [b.detach() for b in buffers])
