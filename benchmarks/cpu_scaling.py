@@ -10,13 +10,12 @@ same cores and memory bandwidth, so it says how much the one code path costs whe
 GPUs give.
 """
 import argparse
-import csv
 import os
 import statistics
 import sys
 import tempfile
 
-from timed_run import timed_run
+from timed_run import summary_rows, timed_run
 
 
 def one_run(procs, batch, epochs, workdir, cache, port, extra):
@@ -27,8 +26,7 @@ def one_run(procs, batch, epochs, workdir, cache, port, extra):
            f"--master_port={port}", "train.py", "--distributed", "--batchsize", str(batch), "--epochs", str(epochs),
            "--logdir", logdir, "--no_progress", *extra]
     seconds, _, _ = timed_run(cmd, env, logdir, "val_miou", quiet_stderr=True)
-    with open(os.path.join(logdir, "summary.csv")) as f:
-        rates = [float(row["images_per_s"]) for row in csv.DictReader(f)][1:]
+    rates = [float(row["images_per_s"]) for row in summary_rows(logdir)][1:]
     return statistics.median(rates), seconds
 
 

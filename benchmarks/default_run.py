@@ -8,13 +8,12 @@ fresh machine. Prints every run (its wall time, its best epoch's mIoU and that e
 medians, against the goal: mIoU >= 0.70 with every class >= 0.5 IoU, in <= 90 s wall on 2 cores.
 """
 import argparse
-import csv
 import os
 import statistics
 import sys
 import tempfile
 
-from timed_run import timed_run
+from timed_run import summary_rows, timed_run
 
 
 def one_run(workdir, extra):
@@ -22,9 +21,8 @@ def one_run(workdir, extra):
     env = {**os.environ, "AILAB_DATA": os.path.join(workdir, "cache")}
     logdir = os.path.join(workdir, "run")
     seconds, _, _ = timed_run([sys.executable, "train.py", "--logdir", logdir, *extra], env, logdir, "val_miou")
-    with open(os.path.join(logdir, "summary.csv")) as f:
-        best = max(csv.DictReader(f), key=lambda row: float(row["val_miou"]))
-    ious = {k[len("val_iou_"):]: float(v) for k, v in best.items() if k.startswith("val_iou_")}
+    best = max(summary_rows(logdir), key=lambda row: float(row["val_miou"]))
+    ious = {k[len("val_iou_"):]: float(v) for k, v in best.items() if k.startswith("val_iou_") and v}  # "": absent
     return seconds, float(best["val_miou"]), ious
 
 

@@ -14,7 +14,6 @@ augmentation, the loader and the model are the same), then runs `zero_grad, forw
 nothing else: no LR schedule, no progress, no loss read-back, no collectives, no fault checks.
 """
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from timed_run import ROOT
+from timed_run import ROOT, summary_rows
 
 
 def bare_loop(argv):
@@ -34,6 +33,7 @@ def bare_loop(argv):
     import train
     from core import distributed
     from data.loaders import build_train_loader
+    from step_overhead import bare_epoch, sync
 
     args = train.get_args_parser().parse_args(argv)
     ctx = distributed.init_distributed(args)
@@ -51,17 +51,10 @@ def bare_loop(argv):
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        steps = 0
-        for image, target in loader:
-            image, target = image.to(ctx.device, non_blocking=True), target.to(ctx.device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = criterion(model(image), target)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        print(f"epoch {epoch + 1} steps {steps} seconds {time.perf_counter() - start:.4f}", flush=True)
+        bare_epoch(model, criterion, optimizer, ((image.to(ctx.device, non_blocking=True),
+                                                  target.to(ctx.device, non_blocking=True)) for image, target in loader))
+        sync(ctx.device)
+        print(f"epoch {epoch + 1} steps {len(loader)} seconds {time.perf_counter() - start:.4f}", flush=True)
 
 
 def suite_run(flags, workdir, env):
@@ -69,8 +62,7 @@ def suite_run(flags, workdir, env):
     logdir = os.path.join(workdir, "suite")
     subprocess.run([sys.executable, "train.py", *flags, "--logdir", logdir], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(os.path.join(logdir, "summary.csv")) as f:
-        rows = list(csv.DictReader(f))
+    rows = summary_rows(logdir)
     steps = steps_per_epoch(os.path.join(logdir, "train.log"))
     return [float(row["epoch_time"]) / steps for row in rows[1:]]
 

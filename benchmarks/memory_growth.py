@@ -9,12 +9,11 @@ rss_mib, workers_rss_mib, max_allocated_mib and reserved_mib columns of summary.
 the growth from epoch 2 (after the first evaluation and checkpoint, once every buffer exists) to the last epoch.
 """
 import argparse
-import csv
 import os
 import sys
 import tempfile
 
-from timed_run import timed_run
+from timed_run import summary_rows, timed_run
 
 COLUMNS = ("rss_mib", "workers_rss_mib", "max_allocated_mib", "reserved_mib")
 
@@ -29,8 +28,7 @@ def main():
         logdir = os.path.join(workdir, "run")
         seconds, best, _ = timed_run([sys.executable, "train.py", "--epochs", str(args.epochs), "--logdir", logdir,
                                       *args.extra], env, logdir, "val_miou")
-        with open(os.path.join(logdir, "summary.csv")) as f:
-            rows = list(csv.DictReader(f))
+        rows = summary_rows(logdir)
     columns = [c for c in COLUMNS if rows[0].get(c)]
     print(f"python train.py --epochs {args.epochs} {' '.join(args.extra)}: {seconds:.0f} s, best val mIoU {best:.4f}")
     print("| epoch | " + " | ".join(columns) + " |\n|" + " --- |" * (len(columns) + 1))

@@ -14,6 +14,11 @@ def timed_run(cmd, env, logdir, column, quiet_stderr=False):
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL if quiet_stderr else None)
     seconds = time.perf_counter() - start
-    with open(os.path.join(logdir, "summary.csv")) as f:
-        values = [float(row[column]) for row in csv.DictReader(f)]
+    values = [float(row[column]) for row in summary_rows(logdir)]
     return seconds, max(values), values[-1]
+
+
+def summary_rows(logdir):
+    """The rows of LOGDIR/summary.csv (one per epoch) as dicts of strings."""
+    with open(os.path.join(logdir, "summary.csv")) as f:
+        return list(csv.DictReader(f))
