@@ -51,8 +51,9 @@ def bare_loop(argv):
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        bare_epoch(model, criterion, optimizer, ((image.to(ctx.device, non_blocking=True),
-                                                  target.to(ctx.device, non_blocking=True)) for image, target in loader))
+        on_device = ((image.to(ctx.device, non_blocking=True), target.to(ctx.device, non_blocking=True))
+                     for image, target in loader)
+        bare_epoch(model, criterion, optimizer, on_device)
         sync(ctx.device)
         print(f"epoch {epoch + 1} steps {len(loader)} seconds {time.perf_counter() - start:.4f}", flush=True)
 
