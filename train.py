@@ -65,8 +65,9 @@ def get_args_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=8)
     g.add_argument("--batchsize", type=int, default=8, help="images per process per step")
-    g.add_argument("--val_batchsize", type=int, default=1,
-                   help="validation images per process per step (>1 needs images of one size)")
+    g.add_argument("--val_batchsize", type=int, default=None,
+                   help="validation images per process per step (>1 needs images of one size); default: 8 for the "
+                        "built-in data, whose images share one size, else 1")
     g.add_argument("--lr", type=float, default=0.02, help="base LR for one process; scaled by --lr_scaling")
     g.add_argument("--lr_scaling", default="linear", choices=["linear", "none"],
                    help="linear: effective LR = --lr x number of processes")
@@ -175,6 +176,8 @@ def main(args):
     shown = shown_metrics(args.metrics, task, args)  # what the epoch line reports
     train_loader, train_sampler = build_train_loader(train_set, args.batchsize, args.workers, ctx.rank,
                                                      ctx.world_size, args.seed, collate_fn=task.train_collate(args))
+    if args.val_batchsize is None:  # padding to a batch's largest image would change a segmentation's predictions
+        args.val_batchsize = 8 if args.dataset_path is None and not components.is_component(args.dataset) else 1
     val_loader = build_eval_loader(val_set, args.val_batchsize, args.workers, ctx.rank, ctx.world_size,
                                    collate_fn=task.eval_collate)
     log.info(f"{task.name} data {root}: {len(train_set)} train / {len(val_set)} val images, "

@@ -88,3 +88,38 @@ def test_infer_under_torchrun_skips_a_corrupt_image(tmp_path, trained, tiny_data
     # Both ranks' records end up in one file, one line per predicted image.
     records = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
     assert sorted(os.path.basename(r["path"]) for r in records) == sorted(n for n in os.listdir(tmp_path / "in") if n != "broken.jpg")
+
+
+def test_validation_batches_of_one_image_size_score_like_single_images(tiny_data):
+    """train.py validates the built-in data 8 images at a time (all have one size, so nothing is padded): the
+    confusion matrix must be the one that image-by-image evaluation gives, including a short last batch."""
+    import torch
+
+    import models
+    import train
+    from data.loaders import build_eval_loader
+    from data.voc import build_voc
+    from evaluation.evaluate import evaluate
+    from evaluation.metrics import ConfusionMatrix
+    from tasks.segmentation import SegmentationTask
+
+    args = train.get_args_parser().parse_args(["--numclasses", "5", "--head_channels", "32"])
+    torch.manual_seed(0)
+    model = models.build_model(args)
+    with torch.no_grad():  # running statistics that are not the identity, so batch norm shows in every output
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    dataset = build_voc(args, tiny_data, "val", train=False)  # 7 images of 64 px
+
+    def matrix(batch_size):
+        metric = ConfusionMatrix(5, torch.device("cpu"))
+        evaluate(model, build_eval_loader(dataset, batch_size, 0, 0, 1), metric, SegmentationTask.predict)
+        return metric.mat.clone()
+
+    single, batched = matrix(1), matrix(3)
+    assert single.sum() == batched.sum() == sum(int((label < 5).sum()) for _, label in dataset)
+    changed = (single - batched).abs().sum().item() / 2  # pixels whose predicted class differs
+    assert changed <= 1e-4 * single.sum().item(), (changed, single, batched)
+    assert len(single.nonzero()) > 5  # a model whose predictions vary, so the comparison means something
