@@ -55,10 +55,15 @@ def export_model(model, fmt, path, example_size):
         # A second batch size and spatial size prove the shapes really are dynamic.
         checks = [example] + ([torch.randn(2, 3, example_size[0] + 13, example_size[1] + 29)] if dynamic else [])
         with torch.no_grad():
-            diff = max(float(np.abs(run(x) - model(x).numpy()).max()) for x in checks)
-        if not diff < 1e-3:
+            pairs = [(run(x), model(x).numpy()) for x in checks]
+        diff = max(float(np.abs(got - want).max()) for got, want in pairs)
+        # Float32 kernels differ in summation order, so the bound follows the outputs' size (logits of a trained
+        # model reach the hundreds): 1e-3 of the largest output, and never under 1e-3.
+        bound = 1e-3 * max(1.0, max(float(np.abs(want).max()) for _, want in pairs))
+        if not diff < bound:
             raise UserError(f"exported {fmt} model differs from the PyTorch model by {diff:.3g} (max abs); "
-                            f"expected < 1e-3, so {path} was not written")
+                            f"expected < {bound:.3g} (1e-3 of its largest output, at least 1e-3), so {path} was not "
+                            f"written")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

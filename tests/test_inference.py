@@ -224,6 +224,7 @@ def test_export_round_trip(tmp_path, trained, fmt):
         x = torch.randn(*shape)
         with torch.no_grad():
             expected = model(x).numpy()
-        assert np.abs(exported(x) - expected).max() < 1e-4
+        # float32 agreement, relative to the logits' size (a trained model's reach the thousands on noise input)
+        assert np.abs(exported(x) - expected).max() < 1e-5 * max(10.0, np.abs(expected).max())
     again = run(["infer.py", "--checkpoint", ckpt, "--export", fmt, "--export_path", str(path)], check=False)
     assert again.returncode == 2 and f"--export_path {path} exists; pass --overwrite" in again.stderr
