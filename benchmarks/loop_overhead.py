@@ -33,6 +33,7 @@ def bare_loop(argv):
     import train
     from core import distributed
     from data.loaders import build_train_loader
+    from engine.optim import build_optimizer
     from step_overhead import bare_epoch, sync
 
     args = train.get_args_parser().parse_args(argv)
@@ -45,8 +46,7 @@ def bare_loop(argv):
     torch.manual_seed(args.seed)
     model = task.build_model(args).to(ctx.device)
     criterion = task.build_criterion(args, model).to(ctx.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = build_optimizer(args, model, args.lr)  # train.py's: --optimizer, its groups, the base LR
     model.train()
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)

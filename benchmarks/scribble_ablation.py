@@ -28,7 +28,7 @@ import tempfile
 from timed_run import ROOT, timed_run
 
 MODEL = ["--model_type", "deeplabv3p_lorm", "--layers", "18", "--crop_size", "96", "--batchsize", "8",
-         "--lr", "0.01", "--warmup_epochs", "1", "--workers", "2", "--no_progress"]
+         "--optimizer", "sgd", "--lr", "0.01", "--warmup_epochs", "1", "--workers", "2", "--no_progress"]
 WEIGHTS = {"quick": {"l_segs": 1.0, "l_pesudo": 0.5, "l_lorm": 1.0, "l_ds": 0.1, "l_dc": 0.1},  # scribble_quick.toml
            "paper": {"l_segs": 1.0, "l_pesudo": 1.0, "l_lorm": 1.0, "l_ds": 1.0, "l_dc": 1.0}}
 # Row: (--dataset, the terms it keeps, whether the formulation matters)

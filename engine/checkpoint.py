@@ -178,13 +178,17 @@ def resume_logdir(resume, logdir):
     return logdir if logdir is not None or resume in (None, "auto") else os.path.dirname(os.path.abspath(resume))
 
 
+# What a checkpoint saved before a setting existed was trained with (segmentation's defaults were then sgd and ce).
+TRAINED_BEFORE = {"optimizer": "sgd", "loss": ["ce"]}
+
+
 def saved_settings(args):
     """The resumed checkpoint's settings, as flag defaults for this run (config.parse_args's hook); None when
     there is nothing to resume. Machine and launch flags stay this run's own."""
     _, ckpt = find_resume(args.resume, resume_logdir(args.resume, args.logdir))
     if ckpt is None:
         return None
-    return {k: v for k, v in ckpt["args"].items() if k not in MACHINE_FLAGS}
+    return {**TRAINED_BEFORE, **{k: v for k, v in ckpt["args"].items() if k not in MACHINE_FLAGS}}
 
 
 def check_settings(ckpt, args, path):

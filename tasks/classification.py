@@ -43,7 +43,7 @@ class ClassificationTask:
     # flags both tasks share; configs/ddp_example.toml is the template for ImageNet-like data on GPUs.
     defaults = {"model_type": "resnet", "dataset": "folder", "epochs": 4, "batchsize": 64, "val_batchsize": 64,
                 "lr": 0.04, "lr_scheduler": "cosine", "weight_decay": 5e-4, "warmup_epochs": 0.5, "hflip_prob": 0.0,
-                "vis_images": 16, "workers": 1, "label_smoothing": 0.1}
+                "vis_images": 16, "workers": 1, "label_smoothing": 0.1, "optimizer": "sgd", "loss": ["ce"]}
 
     def __init__(self):
         self.splits = None

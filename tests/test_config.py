@@ -45,7 +45,7 @@ def test_each_format_sets_the_same_flags(tmp_path):
 def test_precedence_default_file_set_flag(tmp_path):
     path = write_formats(tmp_path)[0]
     default = parse([])
-    assert default.lr == 0.02 and default.epochs == 8
+    assert default.lr == 0.001 and default.epochs == 8
     args = parse(["--config", path, "--set", "epochs=4", "momentum=0.8", "--epochs", "5"])
     assert args.epochs == 5            # an explicit flag beats --set and the file
     assert args.momentum == 0.8        # --set beats the default

@@ -114,9 +114,13 @@ def sizes(groups):
 
 def test_default_is_one_group_in_parameter_order():
     model = Toy()
-    (group,) = build_optimizer(flags(), model, 0.02).param_groups
+    optimizer = build_optimizer(flags(), model, 0.02)
+    (group,) = optimizer.param_groups
     assert group["params"] == list(model.parameters())  # so checkpoints from before the groups still resume
-    assert (group["weight_decay"], group["lr_mult"], group["momentum"]) == (1e-4, 1.0, 0.9)
+    assert (group["weight_decay"], group["lr_mult"]) == (1e-4, 1.0)
+    assert isinstance(optimizer, torch.optim.AdamW) and group["fused"]  # one kernel per step on the CPU
+    (group,) = build_optimizer(flags("--optimizer", "sgd"), model, 0.02).param_groups
+    assert (group["momentum"], group["fused"]) == (0.9, True)
 
 
 def test_groups_by_hand_count():
@@ -216,13 +220,26 @@ def test_resume_keeps_the_state_and_takes_this_runs_group_settings():
 @pytest.mark.parametrize("argv", [["--optimizer", "adam"], ["--no_decay_norm_bias"]])
 def test_resume_with_other_groups_or_optimizer_is_a_clear_error(argv):
     model = Toy()
-    ckpt = checkpoint([], model)
+    ckpt = checkpoint(["--optimizer", "sgd"], model)
     with pytest.raises(UserError, match="checkpoint last.pth has a sgd optimizer .* resume with the same"):
-        load_optimizer_state(build_optimizer(flags(*argv), model, 0.01), ckpt, "last.pth")
+        load_optimizer_state(build_optimizer(flags("--optimizer", "sgd", *argv), model, 0.01), ckpt, "last.pth")
 
 
 def test_checkpoint_from_before_the_groups_resumes():
     model = Toy()
     old = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     ckpt = {"args": {}, "optimizer": old.state_dict()}
-    load_optimizer_state(build_optimizer(flags(), model, 0.01), ckpt, "last.pth")
+    load_optimizer_state(build_optimizer(flags("--optimizer", "sgd"), model, 0.01), ckpt, "last.pth")
+
+
+def test_checkpoint_saved_before_the_optimizer_flag_resumes_with_its_sgd_and_ce(tmp_path):
+    """Such a run trained with the defaults of its time; today's defaults (adamw, ce + dice) must not replace them."""
+    from argparse import Namespace
+
+    from engine.checkpoint import saved_settings
+    path = tmp_path / "old.pth"
+    torch.save({"args": {"lr": 0.02, "epochs": 3}, "model": {}, "epoch": 1}, path)
+    settings = saved_settings(Namespace(resume=str(path), logdir=None))
+    assert (settings["optimizer"], settings["loss"], settings["lr"]) == ("sgd", ["ce"], 0.02)
+    torch.save({"args": {"optimizer": "adam", "loss": ["focal"]}, "model": {}, "epoch": 1}, path)
+    assert saved_settings(Namespace(resume=str(path), logdir=None))["optimizer"] == "adam"
