@@ -119,6 +119,27 @@ def save_checkpoint(state, path):
         os.close(fd)
 
 
+def link_checkpoint(source, path):
+    """Make `path` a second name of the checkpoint just written to `source` (a hard link: the bytes are not written
+    twice), swapped in atomically like save_checkpoint. A later save_checkpoint to either name replaces that name
+    only. Returns False where the file system has no hard links; the caller then writes the file again."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
 def torch_load_cpu(path):
     """torch.load(weights_only=True) onto the CPU. torch's note about an unusual pickle protocol is silenced: for a
     foreign or corrupt file it would come on top of the caller's one-line error."""

@@ -16,7 +16,7 @@ import torch
 
 from core.config import NOT_SAVED
 from core.distributed import broadcast_object, gather_objects
-from utils import UserError, check_compatible, load_checkpoint, save_checkpoint
+from utils import UserError, check_compatible, link_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("ailab")
 
@@ -79,12 +79,15 @@ def gather_rng_states():
 # ----------------------------------------------------------------------------------------------
 
 def save_on_rank0(ctx, state, paths):
-    """Rank 0 writes `state` to each path; every rank learns whether that worked, so all stop together."""
+    """Rank 0 writes `state` to the first path and links the others to it; every rank learns whether that worked,
+    so all stop together."""
     error = None
-    if ctx.is_main:
+    if ctx.is_main and paths:
         try:
-            for path in paths:
-                save_checkpoint(state, path)
+            save_checkpoint(state, paths[0])
+            for path in paths[1:]:
+                if not link_checkpoint(paths[0], path):
+                    save_checkpoint(state, path)
         except UserError as e:
             error = str(e)
     error = broadcast_object(error)

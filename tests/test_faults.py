@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -290,3 +291,20 @@ def test_first_ctrl_c_asks_to_stop_and_the_second_quits_at_once():
         restored = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, before)
     assert restored is signal.default_int_handler
+
+
+def test_a_second_checkpoint_name_is_a_link_and_a_later_save_replaces_only_its_own_name(tmp_path, monkeypatch):
+    """last.pth and best.pth of one epoch are written once (a hard link); the next epoch's last.pth must not change
+    best.pth. Without hard links the second name is written again."""
+    from engine.checkpoint import save_on_rank0
+    ctx = SimpleNamespace(is_main=True)
+    last, best = tmp_path / "last.pth", tmp_path / "best.pth"
+    save_on_rank0(ctx, {"epoch": 1, "w": torch.arange(4.0)}, [str(last), str(best)])
+    assert last.stat().st_ino == best.stat().st_ino
+    save_on_rank0(ctx, {"epoch": 2, "w": torch.zeros(4)}, [str(last)])
+    assert torch.load(best)["epoch"] == 1 and torch.load(best)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert torch.load(last)["epoch"] == 2
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
+    save_on_rank0(ctx, {"epoch": 3}, [str(last), str(best)])
+    assert last.stat().st_ino != best.stat().st_ino and torch.load(best)["epoch"] == torch.load(last)["epoch"] == 3
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
