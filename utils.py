@@ -1,4 +1,6 @@
 """Errors, logging, seeding, the entry-point wrapper and checkpoint I/O. Processes and collectives: distributed.py."""
+import contextlib
+import errno
 import logging
 import os
 import random
@@ -85,58 +87,61 @@ def link_latest(logdir):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def replacing(path, durable=False):
+    """Yield a temporary name beside `path` (same folder and extension); when the block ends without error, rename
+    it over `path`, so a reader sees the old file or the new one, never half of one. On an error the temporary
+    file is removed and `path` is untouched. `durable`: also fsync the folder, making the rename survive a power
+    cut (the block fsyncs the file's own bytes)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")  # PIL/OpenCV read the ext
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    if durable:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as e:  # some network and FUSE file systems cannot fsync a folder; the rename is done
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+                raise
+        finally:
+            os.close(fd)
+
+
 def write_atomic(path, payload):
     """Write text or bytes to `path` through a temporary file and a rename, so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(state, path):
-    """Write `state` atomically: a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    """Write `state` atomically and durably: a temporary file in the same folder, fsync, rename over `path`, fsync
+    the folder. A crash at any moment leaves either the old file or the new one, never a torn one."""
     try:
-        with open(tmp, "wb") as f:
+        with replacing(path, durable=True) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
         reason = getattr(e, "strerror", None) or first_line(e)
         raise UserError(f"could not write checkpoint {path} ({reason}; disk full or not writable?); "
                         f"the previous file is untouched") from e
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
 
 
 def link_checkpoint(source, path):
     """Make `path` a second name of the checkpoint just written to `source` (a hard link: the bytes are not written
     twice), swapped in atomically like save_checkpoint. A later save_checkpoint to either name replaces that name
     only. Returns False where the file system has no hard links; the caller then writes the file again."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        os.link(source, tmp)
-        os.replace(tmp, path)
+        with replacing(path, durable=True) as tmp:
+            os.link(source, tmp)
     except OSError:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
         return False
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return True
 
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 
 from data.cls_transforms import to_tensor
-from utils import UserError, first_line
+from utils import UserError, first_line, replacing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = ("train", "val", "test")
@@ -173,21 +172,14 @@ def write_split(path, splits, classes, meta=None):
         raise UserError(f"split metadata for '{path}' reuses key classes/splits; expected other keys")
     payload = {"classes": list(classes), "splits": {name: [[rel, int(label)] for rel, label in items]
                                                     for name, items in splits.items()}, **meta}
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write split file '{path}' ({first_line(e)}); expected a writable folder") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_split(path):

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from utils import UserError, first_line
+from utils import UserError, first_line, replacing
 
 log = logging.getLogger("ailab")
 
@@ -43,10 +43,8 @@ def export_model(model, fmt, path, example_size):
     check_packages(fmt)
     model = model.to("cpu").eval()
     example = torch.randn(1, 3, *example_size, generator=torch.Generator().manual_seed(0))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with replacing(path) as tmp:
         with warnings.catch_warnings():  # torch marks both exporters' older paths as deprecated; they still work
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -64,10 +62,6 @@ def export_model(model, fmt, path, example_size):
             raise UserError(f"exported {fmt} model differs from the PyTorch model by {diff:.3g} (max abs); "
                             f"expected < {bound:.3g} (1e-3 of its largest output, at least 1e-3), so {path} was not "
                             f"written")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return {"dynamic": dynamic, "max_abs_diff": diff}
 
 

@@ -16,6 +16,7 @@ from models.losses import build_criterion
 from models.pretrained import load_pretrained
 from tasks import scribble
 from tasks.base import log
+from utils import replacing
 
 
 class SegmentationTask:
@@ -203,7 +204,5 @@ def write_outputs(files, mask, probs, rgb):
                    inference.overlay(np.asarray(rgb), mask, readers.VOC_PALETTE), cv2.COLOR_RGB2BGR)),
                "probs": lambda tmp: np.save(tmp, probs.float().cpu().numpy())}
     for kind, path in files.items():
-        stem, ext = os.path.splitext(path)
-        tmp = f"{stem}.tmp-{os.getpid()}{ext}"  # keep the extension: PIL and OpenCV choose the format by it
-        writers[kind](tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            writers[kind](tmp)
