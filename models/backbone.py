@@ -1,5 +1,5 @@
-"""torchvision ResNet trunks that return their features at every stage, dilated to output stride 8 or 16
-(DeepLab) or left undilated at output stride 32 (UNet encoder)."""
+"""torchvision ResNet trunks that return their features at every stage, dilated to output stride 8 or 16, or left
+undilated at output stride 32 (DeepLabV3+'s default, and the UNet encoder)."""
 import torch.nn as nn
 
 from utils import UserError
@@ -11,14 +11,13 @@ RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152
 DILATE = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
 
 
-def check_backbone_args(layers, output_stride, strides=(8, 16)):
-    """UserError unless `layers` is a known depth and `output_stride` one of `strides` (the flag's choices by default;
-    32 is for encoders built in code, not a user's --output_stride)."""
+def check_backbone_args(layers, output_stride):
+    """UserError unless `layers` is a known depth and `output_stride` 8, 16 or 32."""
     if layers not in RESNETS:
         raise UserError(f"--layers {layers!r} is not supported; expected one of {', '.join(map(str, RESNETS))}")
-    if output_stride not in strides or output_stride not in DILATE:
+    if output_stride not in DILATE:
         raise UserError(f"--output_stride {output_stride!r} is not supported; "
-                        f"expected {' or '.join(map(str, strides))}")
+                        f"expected {', '.join(map(str, sorted(DILATE)))}")
 
 
 def _dilate_basic_layer(layer, dilation, previous_dilation):
@@ -48,7 +47,7 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, layers, output_stride=16):
         super().__init__()
-        check_backbone_args(layers, output_stride, strides=tuple(sorted(DILATE)))
+        check_backbone_args(layers, output_stride)
         import torchvision
 
         dilate = DILATE[output_stride]

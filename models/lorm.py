@@ -200,5 +200,6 @@ def build_deeplabv2_lorm(args):
 
 @register_model("deeplabv3p_lorm")
 def build_deeplabv3p_lorm(args):
-    """DeepLabV3+ + LoRM on the backbone's deep features."""
-    return with_lorm(build_deeplabv3p(args), getattr(args, "lorm", "consensus"))
+    """DeepLabV3+ + LoRM on the backbone's deep features, by default at stride 16: a low-rank map needs more than
+    the few positions of stride 32 on a small crop."""
+    return with_lorm(build_deeplabv3p(args, default_stride=16), getattr(args, "lorm", "consensus"))

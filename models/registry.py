@@ -37,9 +37,11 @@ def add_model_args(parser, training=True):
     g.add_argument("--numclasses", type=int, default=None,
                    help="classes including background; default 5 for the built-in data, 21 for a --dataset_path (VOC)"
                    if training else "default: the checkpoint's")
-    g.add_argument("--output_stride", type=int, default=default(16), choices=[8, 16],
-                   help="stride of the DeepLab models' dilated deep features; unet and unet_plain ignore it "
-                   "(their encoder strides are fixed)")
+    g.add_argument("--output_stride", type=int, default=None, choices=[8, 16, 32],
+                   help="stride of the DeepLab models' deep features: 8 or 16 dilate the ResNet (sharper, slower), 32 "
+                   "keeps it as built; " + ("default 32 for deeplabv3p (its decoder adds the stride-4 features), 16 "
+                   "for the others; unet and unet_plain ignore it (their encoder strides are fixed)" if training
+                   else "default: the checkpoint's"))
     if training:
         g.add_argument("--model_kwargs", type=json_table, default=None, metavar="JSON",
                        help="keyword arguments of a model registered with MODELS.register_module(), e.g. "

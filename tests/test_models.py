@@ -23,7 +23,7 @@ def make_args(**overrides):
 
 @pytest.mark.parametrize("model_type", HEADS)
 @pytest.mark.parametrize("layers,output_stride",
-                         [(18, 16), (34, 16), (50, 16), (101, 16), (152, 16), (18, 8), (50, 8)])
+                         [(18, 16), (34, 16), (50, 16), (101, 16), (152, 16), (18, 8), (50, 8), (18, 32), (50, 32)])
 def test_logits_match_input_size(model_type, layers, output_stride):
     model = build_model(make_args(model_type=model_type, layers=layers, output_stride=output_stride)).eval()
     with torch.no_grad():
@@ -146,12 +146,22 @@ def test_no_dropout():
     assert not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.modules())
 
 
+@pytest.mark.parametrize("model_type,expected", [("deeplabv3p", 32), ("deeplabv3", 16), ("res50_ASPP", 16),
+                                                 ("deeplabv3p_lorm", 16), ("res50_ASPP_lorm", 16)])
+def test_without_the_flag_each_deeplab_model_takes_its_own_stride_and_records_it(model_type, expected):
+    args = make_args(model_type=model_type, output_stride=None)
+    model = build_model(args)
+    assert args.output_stride == expected  # saved with the checkpoint, so test.py and infer.py rebuild this model
+    assert model.backbone.output_stride == expected
+    assert ResNetBackbone(18, expected).layer4[0].conv1.stride == model.backbone.layer4[0].conv1.stride
+
+
 @pytest.mark.parametrize("overrides,expected", [
     (dict(model_type="deeplabv9"), "deeplabv9"),
     (dict(layers=20), "--layers 20"),
-    (dict(output_stride=32), "--output_stride 32"),
+    (dict(output_stride=12), "--output_stride 12"),
     (dict(head_channels=0), "--head_channels 0"),
-    (dict(model_type="deeplabv3", output_stride=32), "--output_stride 32"),
+    (dict(model_type="deeplabv3", output_stride=4), "--output_stride 4"),
     (dict(model_type="unet", layers=20), "--layers 20"),
     (dict(model_type="unet", head_channels=3), "--head_channels 3 is too small for unet"),
     (dict(model_type="unet_plain", head_channels=2), "--head_channels 2 is too small for unet_plain"),
