@@ -99,7 +99,7 @@ class DaliLoader:
 
     def __init__(self, dataset, batch_size, rank, world_size, train, threads, device, sampler, mix=None):
         self.fn, self.types, self.Pipeline, self.feed_ndarray, self.TensorListGPU = import_dali()
-        self.spec = dali_tasks.spec_for(dataset, train)
+        self.spec = dali_tasks.spec_for(dataset, train, self.types)
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.train, self.threads, self.device, self.sampler = train, threads, torch.device(device), sampler
         self.gpu, self.mix = self.device.type == "cuda", mix

@@ -28,10 +28,11 @@ def check_augmentation(values):
                             f"--loader opencv")
 
 
-def spec_for(dataset, train):
-    """The task spec of `dataset`; UserError when the DALI path cannot read it as the OpenCV loader would."""
+def spec_for(dataset, train, types):
+    """The task spec of `dataset` (`types`: nvidia.dali.types); UserError when the DALI path cannot read it as the
+    OpenCV loader would."""
     if isinstance(dataset, ClassificationDataset):
-        return ClassificationSpec(dataset, train)
+        return ClassificationSpec(dataset, train, types)
     return SegmentationSpec(dataset, train)
 
 
@@ -98,7 +99,7 @@ class ClassificationSpec:
     EvalTransform's resize of the shorter side and centre crop. The box needs each image's size before DALI decodes
     it: it comes from the file's header (PIL), read once per image and kept."""
 
-    def __init__(self, dataset, train):
+    def __init__(self, dataset, train, types):
         transform = cls_transforms.TrainTransform if train else cls_transforms.EvalTransform
         if type(dataset.transform) is not transform:
             raise UserError(f"--loader dali supports classification data with the suite's own transforms; this "
@@ -106,8 +107,9 @@ class ClassificationSpec:
         if train:
             check_augmentation(vars(dataset.transform))
         self.dataset, self.train, self.transform = dataset, train, dataset.transform
-        self.layouts = [None] * (4 if train else 3)
+        self.layouts = [None] * (5 if train else 3)
         self.shapes = {}
+        self.filters = int(types.INTERP_LINEAR), int(types.INTERP_GAUSSIAN)
 
     def path(self, index):
         return self.dataset.paths[index]
@@ -130,34 +132,43 @@ class ClassificationSpec:
         height, width = self.shape(index)
         if not self.train:
             new_h, new_w, top, left = self.transform.geometry(height, width)
-            return [np.array([new_h, new_w], np.float32), np.array([top, left], np.int32)]
+            return [np.array([new_h, new_w], np.float32), np.array([top, left], np.int32),
+                    self.min_filter(height, width, new_h, new_w)]
         (top, left, h, w, flip), _ = self.drawn(index, seed)
         size = self.transform.size
         linear = not cls_transforms.shrinks(h, w, size, size)
-        return [np.array([top, left], np.int32), np.array([h, w], np.int32), np.int32(flip), np.uint8(linear)]
+        return [np.array([top, left], np.int32), np.array([h, w], np.int32), np.int32(flip),
+                self.min_filter(h, w, size, size), np.uint8(linear)]
+
+    def min_filter(self, height, width, new_height, new_width):
+        """DALI's filter closest to cv2's INTER_AREA at this scale (measured on a photo and on noise): bilinear
+        (antialiased) down to 3/4 of the size, an antialiased Gaussian below that."""
+        scale = min(new_height / height, new_width / width)
+        return np.int32(self.filters[0] if scale > 0.75 else self.filters[1])
 
     def graph(self, fn, types, image, label, columns, gpu):
         size = self.transform.size
         if self.train:
-            start, box, flip, linear = columns
+            start, box, flip, min_filter, linear = columns
             image = fn.slice(image, start=start, shape=box, axis_names="HW")
-            image = resize(fn, types, image, [size, size], linear.gpu() if gpu else linear)
+            image = resize(fn, types, image, [size, size], min_filter, linear.gpu() if gpu else linear)
         else:
-            new_size, start = columns
-            image = resize(fn, types, image, new_size)
+            new_size, start, min_filter = columns
+            image = resize(fn, types, image, new_size, min_filter)
             image = fn.slice(image, start=start, shape=[size, size], axis_names="HW")
         return normalize(fn, types, image, self.transform, flip if self.train else None), label
 
 
-def resize(fn, types, image, size, linear=None):
+def resize(fn, types, image, size, min_filter, linear=None):
     """cls_transforms.resize in DALI. cv2 averages areas (INTER_AREA) when both sides shrink: DALI has no box
-    filter, and its antialiased Gaussian comes closest (about 1 grey level on a photo at 224 px, 2 at 32 px), so
-    these images are close to the OpenCV loader's, not equal. Otherwise cv2 interpolates bilinearly without
+    filter, and `min_filter` (per sample) is the one that comes closest at the sample's scale (within about 1 grey
+    level on average on a photo, several on noise), so these images are close to the OpenCV loader's, not equal.
+    Otherwise cv2 interpolates bilinearly without
     antialiasing, and so does DALI (the same up to rounding); the two differ only where one side shrinks and the
     other grows. antialias is one flag per operator, so for such samples both resizes run and `linear` (1 or 0 per
     sample) picks one. EvalTransform scales both sides alike, so eval passes no `linear`."""
-    smooth = fn.resize(image, size=size, min_filter=types.INTERP_GAUSSIAN, mag_filter=types.INTERP_LINEAR,
-                       antialias=True)
+    smooth = fn.resize(image, size=size, min_filter=fn.cast(min_filter, dtype=types.INTERP_TYPE),
+                       mag_filter=types.INTERP_LINEAR, antialias=True)
     if linear is None:
         return smooth
     sharp = fn.resize(image, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
