@@ -43,7 +43,7 @@ def loader_builders(args, ctx, task_name):
     if getattr(args, "loader", "opencv") != "dali":
         return loaders.build_train_loader, loaders.build_eval_loader
     if task_name not in TASKS:
-        raise UserError(f"--loader dali supports the {' and '.join(TASKS)} task, not {task_name}; "
+        raise UserError(f"--loader dali supports the {' and '.join(TASKS)} tasks, not {task_name}; "
                         f"use --loader opencv")
     import_dali()
     threads, device = args.dali_threads, ctx.device
