@@ -103,6 +103,9 @@ class DaliLoader:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.train, self.threads, self.device, self.sampler = train, threads, torch.device(device), sampler
         self.gpu, self.mix = self.device.type == "cuda", mix
+        if mix is not None and not hasattr(self.spec, "drawn"):
+            raise UserError("--loader dali mixes classification batches only (the training collate has a `mix`); "
+                            "use --loader opencv")
 
     # -- what a pass reads -----------------------------------------------------------------------------------------
     def plan(self):
