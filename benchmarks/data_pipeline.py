@@ -153,8 +153,8 @@ def build_pipelines(task, cache):
 
 def dali_loader(task, root, cfg, workers, batch):
     """The third column: (loader, sampler) of data/dali.py's pipeline on the same dataset, with max(1, workers) DALI
-    threads in place of loader workers; None when NVIDIA DALI is not installed or the task has no DALI loader
-    (classification)."""
+    threads in place of loader workers; None when NVIDIA DALI is not installed, and for classification: CLS rotates
+    (--rotation 10, the task's default), which the DALI loader does not reproduce."""
     if task != "segmentation" or importlib.util.find_spec("nvidia") is None \
             or importlib.util.find_spec("nvidia.dali") is None:
         return None

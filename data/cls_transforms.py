@@ -67,8 +67,14 @@ def resize(image, width, height):
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
-    interpolation = cv2.INTER_AREA if (w >= width and h >= height) else cv2.INTER_LINEAR
+    interpolation = cv2.INTER_AREA if shrinks(h, w, height, width) else cv2.INTER_LINEAR
     return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def shrinks(height, width, new_height, new_width):
+    """True when resizing height x width to new_height x new_width shrinks (or keeps) both sides: resize() then
+    averages areas (INTER_AREA) rather than interpolating."""
+    return width >= new_width and height >= new_height
 
 
 def to_tensor(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -88,17 +94,18 @@ def _chw_tensor(array):
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-def random_crop_box(height, width, scale, ratio, tries=10):
+def random_crop_box(height, width, scale, ratio, tries=10, rng=np.random):
     """(top, left, h, w) of a crop covering a random fraction `scale` of the area with an aspect ratio (w/h) drawn
-    log-uniformly from `ratio`; after `tries` misses, the centre crop with the aspect ratio nearest to `ratio`."""
+    log-uniformly from `ratio` (from `rng`); after `tries` misses, the centre crop with the aspect ratio nearest to
+    `ratio`."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(tries):
-        target = area * np.random.uniform(scale[0], scale[1])
-        aspect = math.exp(np.random.uniform(log_ratio[0], log_ratio[1]))
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            return np.random.randint(0, height - h + 1), np.random.randint(0, width - w + 1), h, w
+            return rng.randint(0, height - h + 1), rng.randint(0, width - w + 1), h, w
     aspect = width / height
     if aspect < ratio[0]:
         w, h = width, max(1, int(round(width / ratio[0])))
@@ -160,14 +167,19 @@ class TrainTransform:
                             f" with the first three in [0, 1] and hue in [0, 0.5]")
         return values
 
+    def draw(self, height, width, rng=np.random):
+        """(top, left, h, w) of the crop and the horizontal flip of one image, drawn from `rng` in this order (the
+        first of the draws of __call__); data/dali_tasks.py draws them from a sample's seed the same way."""
+        box = (0, 0, height, width) if self.scale is None else random_crop_box(height, width, self.scale, self.ratio,
+                                                                              rng=rng)
+        return (*box, self.hflip_prob > 0 and rng.random() < self.hflip_prob)
+
     def __call__(self, image):
         """RGB uint8 HxWx3 -> augmented, normalised float32 tensor 3xSxS."""
         _check_image(image)
-        if self.scale is not None:
-            top, left, h, w = random_crop_box(image.shape[0], image.shape[1], self.scale, self.ratio)
-            image = image[top:top + h, left:left + w]
-        image = resize(image, self.size, self.size)
-        if self.hflip_prob > 0 and np.random.random() < self.hflip_prob:
+        top, left, h, w, flip = self.draw(*image.shape[:2])
+        image = resize(image[top:top + h, left:left + w], self.size, self.size)
+        if flip:
             image = image[:, ::-1]
         if self.vflip_prob > 0 and np.random.random() < self.vflip_prob:
             image = image[::-1]
@@ -198,15 +210,18 @@ class EvalTransform:
                             f"(the shorter side is resized, then the centre is cropped)")
         self.mean, self.std = _check_stats(mean, std)
 
+    def geometry(self, height, width):
+        """(height, width) after the resize and (top, left) of the centre crop, for an image of height x width."""
+        if height <= width:
+            new_h, new_w = self.resize, max(self.resize, int(round(width * self.resize / height)))
+        else:
+            new_h, new_w = max(self.resize, int(round(height * self.resize / width))), self.resize
+        return new_h, new_w, (new_h - self.size) // 2, (new_w - self.size) // 2
+
     def __call__(self, image):
         """RGB uint8 HxWx3 -> normalised float32 tensor 3xSxS."""
         _check_image(image)
-        h, w = image.shape[:2]
-        if h <= w:
-            new_h, new_w = self.resize, max(self.resize, int(round(w * self.resize / h)))
-        else:
-            new_h, new_w = max(self.resize, int(round(h * self.resize / w))), self.resize
+        new_h, new_w, top, left = self.geometry(*image.shape[:2])
         image = resize(image, new_w, new_h)
-        top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
         image = image[top:top + self.size, left:left + self.size]
         return _chw_tensor(_normalise(image, self.mean, self.std))

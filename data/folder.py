@@ -41,6 +41,18 @@ def read_rgb(path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def image_shape(path):
+    """(height, width) of the image at `path` as read_rgb decodes it, from its header (an EXIF orientation that
+    turns it by 90 degrees swaps the two); UserError naming the path when the header cannot be read."""
+    try:
+        with Image.open(path) as im:
+            (width, height), turned = im.size, im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
+        raise UserError(f"cannot read the header of image '{path}' ({first_line(e)}); expected a readable image "
+                        f"file") from None
+    return (width, height) if turned else (height, width)
+
+
 def _images_under(folder):
     """Sorted paths (relative to `folder`, forward slashes) of the images below it; hidden entries skipped."""
     found = []

@@ -22,7 +22,11 @@ class MixCollate:
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
 
     def __call__(self, batch):
-        images, labels = default_collate(batch)
+        return self.mix(*default_collate(batch))
+
+    def mix(self, images, labels):
+        """The batch-level half: mix a collated batch, drawing from np.random (data/dali.py calls it on its own
+        batches, with np.random where the OpenCV loader's collate finds it)."""
         draw = np.random.random()
         if draw < self.cutmix_prob:
             lam = np.random.beta(self.cutmix_alpha, self.cutmix_alpha)
