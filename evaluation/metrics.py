@@ -10,6 +10,13 @@ from core.distributed import all_reduce_sum
 from utils import IGNORE_INDEX
 
 
+def class_map(scores, dim=1):
+    """The index of the highest score along `dim` (the first one on a tie, as argmax). torch.max's indices, not
+    argmax: on the CPU, argmax over a dimension that is not the last is 7-10x slower (15-20 against 2 ms for
+    8 x 5 x 128 x 128 probabilities, which made it most of the confusion matrix's cost)."""
+    return scores.max(dim).indices
+
+
 class ConfusionMatrix:
     """Rows are the true class, columns the predicted class; ignore pixels are not counted."""
 
@@ -19,12 +26,15 @@ class ConfusionMatrix:
 
     def add(self, probs, target):
         """Count a batch: probabilities N x K x H x W, labels N x H x W."""
-        self.update(target, probs.argmax(1))
+        self.update(target, class_map(probs))
 
     def update(self, target, pred):
-        keep = (target != IGNORE_INDEX) & (target >= 0) & (target < self.n)
-        cells = target[keep].to(torch.int64) * self.n + pred[keep].to(torch.int64)
-        self.mat += torch.bincount(cells, minlength=self.n * self.n).view(self.n, self.n)
+        """Count labels and predictions of one shape; a label outside 0..K-1 (IGNORE_INDEX) is not counted. Pixels
+        are counted in place (an extra bin for the ignored ones), without gathering the kept ones first."""
+        n = self.n
+        keep = (target != IGNORE_INDEX) & (target >= 0) & (target < n)
+        cells = torch.where(keep, target.to(torch.int64) * n + pred.to(torch.int64), n * n)
+        self.mat += torch.bincount(cells.flatten(), minlength=n * n + 1)[:n * n].view(n, n)
 
     def reduce(self):
         """Sum the counts of every rank, so every rank then reads the same, complete matrix."""
@@ -68,7 +78,7 @@ class ClassificationMetrics:
 
     def add(self, probs, target):
         """Count a batch: probabilities N x K, labels N."""
-        self.confusion.update(target, probs.argmax(1))
+        self.confusion.update(target, class_map(probs))
         top = probs.topk(self.k, dim=1).indices
         self.topk_hits += (top == target[:, None]).any(1).sum()
 

@@ -11,7 +11,7 @@ from data import readers, synthetic, voc
 from data.loaders import pad_collate
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 from evaluation import inference
-from evaluation.metrics import ConfusionMatrix
+from evaluation.metrics import ConfusionMatrix, class_map
 from models.losses import build_criterion
 from models.pretrained import load_pretrained
 from tasks import scribble
@@ -100,7 +100,7 @@ class SegmentationTask:
         rows = []
         for index in range(min(count, len(dataset))):
             image, label = dataset[index]
-            pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()
+            pred = class_map(model(image[None].to(device)))[0].cpu().numpy()
             rows.append(np.concatenate([denormalize(image), readers.VOC_PALETTE[label.numpy().astype(np.uint8)],
                                         readers.VOC_PALETTE[pred.astype(np.uint8)]], axis=1))
         width = max(r.shape[1] for r in rows)
@@ -154,7 +154,7 @@ class SegmentationTask:
     @staticmethod
     def infer_record(probs, item, job, names, args):
         """Write the image's files; return its predictions.jsonl record."""
-        mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        mask = class_map(probs, 0).to(torch.uint8).cpu().numpy()
         write_outputs(job["files"], mask, probs, item["rgb"])
         height, width = mask.shape
         return {"path": job["path"], "mask": os.path.relpath(job["files"]["mask"], args.output),
@@ -180,7 +180,7 @@ class MaskWriter:
         if self.args.no_save_pred:
             return
         name = str(self.dataset.ids[index]) if hasattr(self.dataset, "ids") else f"{index:06d}"
-        mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        mask = class_map(probs, 0).to(torch.uint8).cpu().numpy()
         os.makedirs(os.path.dirname(os.path.join(self.pred_dir, name)), exist_ok=True)
         readers.save_palette_png(os.path.join(self.pred_dir, name + ".png"), mask)
         if self.args.save_overlay:

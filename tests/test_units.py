@@ -8,7 +8,7 @@ import torch
 from core import distributed
 import utils
 from models.losses import cross_entropy
-from evaluation.metrics import ConfusionMatrix
+from evaluation.metrics import ConfusionMatrix, class_map
 from engine.optim import lr_at
 
 
@@ -25,6 +25,22 @@ def test_confusion_matrix_against_hand_count():
     assert m["miou"] == pytest.approx(np.mean(iou))
     assert m["acc"] == pytest.approx(4 / 7)
     assert m["pixels"] == 7
+
+
+def test_class_map_is_argmax_with_the_first_of_tied_scores():
+    scores = torch.rand(3, 6, 17, 9).round(decimals=1)  # coarse values: many ties across classes
+    assert torch.equal(class_map(scores), scores.argmax(1))
+    assert torch.equal(class_map(scores[0], 0), scores[0].argmax(0))
+    tied = torch.tensor([[0.2, 0.5, 0.5, 0.1]])
+    assert class_map(tied).tolist() == [1]
+
+
+def test_confusion_matrix_skips_labels_outside_the_classes_and_counts_a_batch_once():
+    target = torch.tensor([[[0, 3, 255], [1, 1, -1]]])
+    probs = torch.nn.functional.one_hot(torch.tensor([[[1, 0, 2], [1, 0, 0]]]), 3).permute(0, 3, 1, 2).float()
+    cm = ConfusionMatrix(3)
+    cm.add(probs, target)
+    assert cm.mat.tolist() == [[0, 1, 0], [1, 1, 0], [0, 0, 0]]
 
 
 def test_absent_class_is_left_out_of_the_mean():
