@@ -12,6 +12,8 @@ classification: the suite's "folder" dataset (cv2 read, cls_transforms.TrainTran
 Settings are the training defaults (train.py / tasks/*.py), except classification's hflip_prob 0.5 (default 0) so
 that the flip is part of the work. Both pipelines run in the same loader: data.loaders.build_train_loader, i.e. the
 suite's make_loader (forkserver workers, persistent) with its per-sample seeding, as training uses it.
+The "loader only" row times the same loader over one precomputed sample: what a batch costs with no pipeline work,
+the ceiling that every pipeline's figure is under (with workers: collate into shared memory and the hand-over).
 Throughput = images / wall second over `--passes` epochs after one untimed warm-up epoch (worker start excluded);
 the pipelines are measured alternately (A B A B ...) and the table shows medians over `--repeats`.
 Cores: 0 workers -> 1 core (the main process does the work), N workers -> N cores (the main process only collates).
@@ -142,6 +144,21 @@ class V2Classification(torch.utils.data.Dataset):
         return self.transform(image).as_subclass(torch.Tensor), label
 
 
+class LoaderOnly(torch.utils.data.Dataset):
+    """The loader's own ceiling: the suite's first sample, computed once and returned for every index, so timing it
+    measures only what every pipeline pays per batch (sampler, per-sample seeding, collate into shared memory,
+    passing the batch between processes)."""
+
+    def __init__(self, dataset):
+        self.sample, self.length = _seeded(dataset, 0, 0), len(dataset)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return self.sample
+
+
 def build_pipelines(task, cache):
     """(root, {name: dataset}) of a task; the data is generated locally and deterministically under `cache`."""
     if task == "segmentation":
@@ -230,7 +247,8 @@ def measure(task, root, datasets, workers, repeats, passes):
     cfg = SEG if task == "segmentation" else CLS
     rates = {}
     for w in workers:
-        loaders = {name: build_train_loader(ds, cfg["batch"], w, 0, 1, seed=0) for name, ds in datasets.items()}
+        timed = dict(datasets, **{"loader only": LoaderOnly(datasets["suite"])})
+        loaders = {name: build_train_loader(ds, cfg["batch"], w, 0, 1, seed=0) for name, ds in timed.items()}
         dali = dali_loader(task, root, cfg, w, cfg["batch"])
         if dali is not None:
             loaders["dali"] = dali
@@ -252,7 +270,7 @@ def table(task, rates, workers):
         for name in [n for (n, ww) in rates if ww == w]:
             r = rates[(name, w)]
             med = statistics.median(r)
-            ratio = f"{med / base:.2f}" if name != "v2" else "1.00"
+            ratio = "-" if name == "loader only" else "1.00" if name == "v2" else f"{med / base:.2f}"
             lines.append(f"| {name} | {w} | {cores} | {med:.0f} ({min(r):.0f}-{max(r):.0f}) | {med / cores:.0f} "
                          f"| {ratio} |")
     return "\n".join(lines)

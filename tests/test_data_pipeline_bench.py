@@ -55,3 +55,17 @@ def test_identity_check_catches_missing_normalisation(tiny_data, monkeypatch):
     monkeypatch.setattr(bench, "v2_segmentation_transform", unnormalised)
     with pytest.raises(AssertionError, match="images differ"):
         bench.check_identity_settings("segmentation", tiny_data)
+
+
+def test_measure_times_every_pipeline_and_the_loader_alone(tiny_data):
+    datasets = {"suite": bench.suite_segmentation(tiny_data),
+                "v2": bench.V2Segmentation(tiny_data, bench.v2_segmentation_transform())}
+    only = bench.LoaderOnly(datasets["suite"])
+    assert len(only) == len(datasets["suite"])
+    for got, want in zip(only[5], datasets["suite"][0]):
+        assert got.shape == want.shape and got.dtype == want.dtype
+    rates = bench.measure("segmentation", tiny_data, datasets, [0], repeats=2, passes=1)
+    assert {name for name, _ in rates} >= {"suite", "v2", "loader only"}
+    assert all(len(r) == 2 and min(r) > 0 for r in rates.values())
+    rows = {line.split(" | ")[0].strip("| "): line for line in bench.table("segmentation", rates, [0]).splitlines()}
+    assert rows["loader only"].rstrip(" |").endswith("-") and rows["v2"].rstrip(" |").endswith("1.00")
