@@ -22,7 +22,7 @@ from core import config, distributed
 from data import components
 from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
-from data.dali import add_loader_args, loader_builders
+from data.dali import add_loader_args, describe as describe_loader, loader_builders
 from evaluation import inference, report
 from evaluation.evaluate import evaluate
 from tasks.base import headline, trained_args
@@ -85,6 +85,7 @@ def main(args):
     os.makedirs(save_path, exist_ok=True)  # every rank may write outputs of its own shard
     log.info(f"evaluating {args.checkpoint} ({task.name}, {weights} weights) on {root} [{args.split}]: "
              f"{len(dataset)} images, {ctx.world_size} process(es); prediction: {options.describe()}")
+    log.info(describe_loader(args, ctx))
     writer = task.test_writer(args, dataset, names, save_path)
     metrics = evaluate(model, loader, task.new_metric(numclasses, ctx.device, args),
                        functools.partial(task.predict, options=options), writer)

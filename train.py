@@ -21,7 +21,7 @@ from core import config, distributed
 from core.entry import run_entry
 from core.registry import add_plugin_arg, import_plugins
 from data import components
-from data.dali import add_loader_args, loader_builders
+from data.dali import add_loader_args, describe as describe_loader, loader_builders
 from engine import checkpoint, faults, recipe
 from engine.loop import Run, show_progress, train_one_epoch, updates_per_epoch
 from engine.optim import (OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimizer, describe_optimizer,
@@ -184,6 +184,7 @@ def main(args):
                                    collate_fn=task.eval_collate)
     log.info(f"{task.name} data {root}: {len(train_set)} train / {len(val_set)} val images, "
              f"{args.numclasses} classes; {len(train_loader)} steps per epoch")
+    log.info(describe_loader(args, ctx))
 
     # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
     # Weights: a resumed checkpoint (below) wins over --pretrained, which wins over random init.

@@ -63,6 +63,15 @@ def loader_builders(args, ctx, task_name):
     return train, evaluate
 
 
+def describe(args, ctx):
+    """One log line for --loader: which loader reads the data and, for DALI, its version, threads and decoder."""
+    if getattr(args, "loader", "opencv") != "dali":
+        return f"loader opencv: {args.workers} worker process(es)"
+    import nvidia.dali
+    where = f"{ctx.device} (mixed)" if torch.device(ctx.device).type == "cuda" else "cpu"
+    return f"loader dali: NVIDIA DALI {nvidia.dali.__version__}, {args.dali_threads} threads, images decoded on {where}"
+
+
 def import_dali():
     """(fn, types, Pipeline, feed_ndarray, TensorListGPU) of nvidia.dali, or a UserError saying how to install it."""
     try:

@@ -43,6 +43,8 @@ def test_dali_trains_and_evaluates_under_two_process_ddp(tmp_path, tiny_data, da
     proc = torchrun(2, ["train.py", "--distributed", *TINY, "--dataset_path", tiny_data, "--numclasses", "5",
                         "--loader", "dali", "--logdir", str(logdir)], tmp_path=tmp_path)
     assert "backend gloo" in proc.stdout and "2 steps per epoch" in proc.stdout  # 16 images / (2 ranks x 4)
+    version = __import__("nvidia.dali", fromlist=["__version__"]).__version__
+    assert f"loader dali: NVIDIA DALI {version}, 2 threads, images decoded on cpu" in proc.stdout
     assert proc.stdout.count("epoch 1/1: train loss") == 1
     ckpt = torch.load(logdir / "last.pth", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["args"]["loader"] == "dali"

@@ -14,7 +14,7 @@ TRAIN_ROWS = ["train-fp32", "train-amp-bf16", "train-channels-last", "classify-a
 # export-onnx is left out of the end-to-end run (ROWS) to keep it short: the ONNX export itself is tested in
 # test_inference.py, the row's skip without the packages below.
 CPU_ROWS = TRAIN_ROWS + ["test", "infer", "export-torchscript"]
-GPU_ONLY_ROWS = ["train-amp-fp16", "nccl-cpu-tensor-rule", "ddp-2proc", "train-compile"]
+GPU_ONLY_ROWS = ["train-amp-fp16", "nccl-cpu-tensor-rule", "ddp-2proc", "train-compile", "train-dali", "test-dali"]
 
 
 def load_module():

@@ -25,6 +25,7 @@ def test_single_process_run_writes_checkpoints_and_logs(trained):
     assert ckpt["epoch"] == 0 and ckpt["args"]["layers"] == 18 and ckpt["world_size"] == 1
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert "lr 0.01 × 1 processes = 0.01" in proc.stdout
+    assert "loader opencv: 0 worker process(es)" in proc.stdout
     assert "val mIoU" in open(os.path.join(logdir, "train.log")).read()
     assert os.listdir(os.path.join(logdir, "tb")), "no TensorBoard event file"
 

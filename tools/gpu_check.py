@@ -25,6 +25,8 @@ from gpu_check_procs import free_port, kill_group  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 COMPILE_FAILED = "--compile: torch.compile failed"
+# test.py's mIoU through DALI's GPU decoder against the OpenCV loader's (nvJPEG and libjpeg round differently)
+DALI_MIOU_TOLERANCE = 2e-3
 
 # The NCCL rule the suite's collectives rely on (distributed.py copies CPU tensors to the GPU under NCCL):
 # in an NCCL group, an all_reduce of a CPU tensor fails and one of a CUDA tensor works. Reported, not enforced.
@@ -96,6 +98,7 @@ class Check:
         self.header = []
         self.rows = []
         self.commands = {}
+        self.miou = {}  # the mIoU of each passing test row
         self.deadline = None
         self.limit = None
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -309,19 +312,42 @@ class Check:
     def checkpoint(self):
         return os.path.join(self.out, "runs", "train-fp32", "best.pth")
 
-    def test_row(self):
+    def test_row(self, name="test", extra=(), compare=None, **kw):
+        """test.py on train-fp32's checkpoint, with `extra` flags; with `compare` (a row name), its mIoU must be
+        within DALI_MIOU_TOLERANCE of that row's."""
         def fn(row, limit):
-            save = self.logdir("test")
-            rc, seconds, text = self.run("test", [self.python, "test.py", "--checkpoint", self.checkpoint(),
-                                                  "--save_path", save, "--no_save_pred", "--workers", str(self.workers),
-                                                  "--device", self.device], limit)
+            save = self.logdir(name)
+            rc, seconds, text = self.run(name, [self.python, "test.py", "--checkpoint", self.checkpoint(),
+                                                "--save_path", save, "--no_save_pred", "--workers", str(self.workers),
+                                                "--device", self.device, *extra], limit)
             m = re.search(r"\bmIoU ([\d.]+)\s+pixel acc", text)
             n = re.search(r": (\d+) images, ", text)
             problem = None if m and os.path.exists(os.path.join(save, "metrics.json")) else "no mIoU or metrics.json"
+            if problem is None and compare is not None:
+                other = self.miou.get(compare)
+                if other is None or abs(float(m.group(1)) - other) > DALI_MIOU_TOLERANCE:
+                    problem = f"mIoU {m.group(1)} against {other} of the {compare} row (tolerance {DALI_MIOU_TOLERANCE})"
             self.finish(row, rc, seconds, text, problem)
             if row.status == "PASS":
-                row.note = f"mIoU {m.group(1)} on {n.group(1) if n else '?'} val images"
-        return self.row("test", fn, needs="train-fp32")
+                self.miou[name] = float(m.group(1))
+                row.note = f"mIoU {m.group(1)} on {n.group(1) if n else '?'} val images" + (
+                    f" ({compare}: {self.miou[compare]})" if compare else "")
+        return self.row(name, fn, needs=kw.pop("needs", "train-fp32"), **kw)
+
+    def dali_rows(self):
+        """--loader dali on the GPU: training with images decoded by DALI's mixed (nvJPEG) decoder, and test.py's
+        metrics through it against the OpenCV loader's on the same checkpoint. The CPU pipeline is tested by
+        tests/test_dali*.py; these rows are for what only a GPU runs."""
+        cpu = "tests/test_dali*.py cover the CPU pipeline"
+        if self.gpu_mode and (importlib.util.find_spec("nvidia") is None
+                              or importlib.util.find_spec("nvidia.dali") is None):
+            for name in ("train-dali", "test-dali"):
+                self.rows.append(Row(name, note="skip: NVIDIA DALI not installed (pip install -r "
+                                                "requirements-dali.txt)"))
+            self.write_markdown()
+            return
+        self.train("train-dali", ["--loader", "dali"], expect=["images decoded on cuda"], gpu_only=cpu)
+        self.test_row("test-dali", ["--loader", "dali"], compare="test", needs="test", gpu_only=cpu)
 
     def infer_row(self):
         def fn(row, limit):
@@ -420,6 +446,7 @@ class Check:
                 self.train("ddp-2proc", nproc=2, expect=[backend], gpu_only="2 GPU processes with NCCL")
             self.step_overhead_row("default")
             self.step_overhead_row("tiny")
+            self.dali_rows()
             if gpu or self.cpu_compile:
                 self.train("train-compile", ["--compile"], steps=self.compile_steps, timeout=self.compile_timeout)
             else:
