@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -86,8 +87,9 @@ def test_parsing_of_gpu_logs_and_failures(tmp_path):
     failed = ("$ python -m torch.distributed.run train.py\n[rank 0] error: --dist_backend nccl needs a CUDA device\n"
               "E0101 elastic failed\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
               "============================================================\n")
-    assert gc.error_line(failed) == "[rank 0] error: --dist_backend nccl needs a CUDA device"
-    assert gc.error_line("Traceback (most recent call last):\n  x\nRuntimeError: CUDA out of memory\n") \
+    error_line = sys.modules["gpu_check_logs"].error_line  # imported by gpu_check's runner
+    assert error_line(failed) == "[rank 0] error: --dist_backend nccl needs a CUDA device"
+    assert error_line("Traceback (most recent call last):\n  x\nRuntimeError: CUDA out of memory\n") \
         == "RuntimeError: CUDA out of memory"
     events = tmp_path / "events.jsonl"
     # A slow first step (compile), then 0.1 s per step of 16 images: the steady rate ignores the first half.
