@@ -5,6 +5,7 @@ Settings come from the environment; tools/gpu_check.sh lists them. Exit code: 0 
 did, 2 when there is no CUDA GPU and GPU_CHECK_DEVICE=cpu is not set, 130 when interrupted.
 """
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -112,9 +113,9 @@ class Check(Runner):
     def checkpoint(self):
         return os.path.join(self.out, "runs", "train-fp32", "best.pth")
 
-    def test_row(self, name="test", extra=(), compare=None, **kw):
-        """test.py on train-fp32's checkpoint, with `extra` flags; with `compare` (a row name), its mIoU must be
-        within DALI_MIOU_TOLERANCE of that row's."""
+    def test_row(self, name="test", extra=(), compare=None, needs="train-fp32", **kw):
+        """test.py on train-fp32's checkpoint, with `extra` flags; with `compare` (a row name), its mIoU (metrics.json)
+        must be within DALI_MIOU_TOLERANCE of that row's."""
         def fn(row, limit):
             save = self.logdir(name)
             rc, seconds, text = self.run(name, [self.python, "test.py", "--checkpoint", self.checkpoint(),
@@ -122,17 +123,19 @@ class Check(Runner):
                                                 "--device", self.device, *extra], limit)
             m = re.search(r"\bmIoU ([\d.]+)\s+pixel acc", text)
             n = re.search(r": (\d+) images, ", text)
-            problem = None if m and os.path.exists(os.path.join(save, "metrics.json")) else "no mIoU or metrics.json"
+            metrics = os.path.join(save, "metrics.json")
+            problem = None if m and os.path.exists(metrics) else "no mIoU or metrics.json"
+            miou = json.load(open(metrics))["miou"] if problem is None else None
             if problem is None and compare is not None:
                 other = self.miou.get(compare)
-                if other is None or abs(float(m.group(1)) - other) > DALI_MIOU_TOLERANCE:
-                    problem = f"mIoU {m.group(1)} against {other} of the {compare} row (tolerance {DALI_MIOU_TOLERANCE})"
+                if other is None or abs(miou - other) > DALI_MIOU_TOLERANCE:
+                    problem = f"mIoU {miou} against {other} of the {compare} row (tolerance {DALI_MIOU_TOLERANCE})"
             self.finish(row, rc, seconds, text, problem)
             if row.status == "PASS":
-                self.miou[name] = float(m.group(1))
+                self.miou[name] = miou
                 row.note = f"mIoU {m.group(1)} on {n.group(1) if n else '?'} val images" + (
-                    f" ({compare}: {self.miou[compare]})" if compare else "")
-        return self.row(name, fn, needs=kw.pop("needs", "train-fp32"), **kw)
+                    f" ({compare}: {self.miou[compare]:.4f})" if compare else "")
+        return self.row(name, fn, needs=needs, **kw)
 
     def dali_rows(self):
         """--loader dali on the GPU: training with images decoded by DALI's mixed (nvJPEG) decoder, and test.py's
