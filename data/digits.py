@@ -18,7 +18,7 @@ DIGITS_SIZE = 32
 DIGITS_COUNT = 1797
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
 DIGITS_SOURCE = "UCI optical handwritten digits, as bundled with scikit-learn (sklearn.datasets.load_digits)"
-MISSING_SKLEARN = ("the built-in digits need scikit-learn: pip install scikit-learn "
+MISSING_SKLEARN = ("the built-in digits need scikit-learn, which requirements.txt lists: pip install scikit-learn "
                    "(or pass --dataset_path to your own images)")
 
 

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import threading
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT
 from data import digits
 from data.cls_transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 from data.folder import (IMAGE_EXTENSIONS, ClassificationDataset, check_images, check_val_classes, is_image_file,
@@ -307,8 +309,16 @@ def test_ensure_digits_when_another_process_wins(tmp_path, monkeypatch):
 def test_digits_without_sklearn(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     message = raises_user_error(digits.make_digits, str(tmp_path))
-    assert message == ("the built-in digits need scikit-learn: pip install scikit-learn "
-                       "(or pass --dataset_path to your own images)")
+    assert message == ("the built-in digits need scikit-learn, which requirements.txt lists: pip install "
+                       "scikit-learn (or pass --dataset_path to your own images)")
+
+
+def test_requirements_txt_installs_what_the_built_in_digits_read():
+    """`pip install -r requirements.txt && python train.py --task classification` must work: the digits come from
+    scikit-learn, so requirements.txt (not only the dev list) names it."""
+    names = [re.split(r"[<>=!~;\s\[]", line.strip(), maxsplit=1)[0].lower()
+             for line in open(os.path.join(ROOT, "requirements.txt")) if line.strip() and not line.startswith("#")]
+    assert "scikit-learn" in names, names
 
 
 # ---------------------------------------------------------------------------------------------------------------
