@@ -8,6 +8,7 @@ import contextlib
 import fnmatch
 import logging
 import os
+import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -89,18 +90,48 @@ class Amp:
             " with a GradScaler" if self.scaler.is_enabled() else " (no loss scaling needed)")
 
 
+def native_bf16(device):
+    """True where `device` has bfloat16 arithmetic; where it would be emulated, bfloat16 autocast is slower than float32.
+
+    CPUs: x86 needs AMX or AVX512-BF16 (oneDNN's bf16 path otherwise converts through float32 on plain AVX512 and
+    is many times slower); other CPUs (Arm) ask oneDNN. GPUs: bfloat16 without emulation (Ampere and newer).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            try:
+                return torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # torch before 2.3 has no including_emulation and does not count emulation
+                return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True  # mps, xpu, ...: autocast there is the backend's own concern
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        cpu = getattr(torch, "cpu", None)
+        checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        if all(checks):
+            return any(check() for check in checks)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_amp(args, device):
-    """The autocast dtype for --amp on `device`, or None; an unsupported float16 falls back with a warning."""
+    """The autocast dtype for --amp on `device`, or None (float32) where the dtype would not run natively.
+
+    Each fallback says why in one line."""
     if not args.amp:
         return None
     device = torch.device(device)
-    if args.amp_dtype == "float16" and device.type != "cuda":
-        log.warning(f"--amp_dtype float16 needs CUDA, this runs on {device.type}; using bfloat16 instead")
-        return torch.bfloat16
-    if args.amp_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("--amp_dtype bfloat16 is not supported by this GPU; running in float32")
+    dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
+    if dtype == torch.float16 and device.type != "cuda":
+        log.warning(f"--amp_dtype float16 needs CUDA, this runs on {device.type}; trying bfloat16 instead")
+        dtype = torch.bfloat16
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        what = ("this GPU has no native bfloat16 (before Ampere); --amp_dtype float16 uses a GradScaler instead"
+                if device.type == "cuda" else
+                "this CPU has no bfloat16 arithmetic (AMX or AVX512-BF16), where autocast would emulate it several "
+                "times slower (benchmarks/amp_cpu.py measures it)")
+        log.warning(f"--amp: running in float32: {what}")
         return None
-    return torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
+    return dtype
 
 
 def setup_amp(args, device):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run
+from engine.recipe import native_bf16
 
 SCRIPT = ["bash", "tools/gpu_check.sh"]
 TRAIN_ROWS = ["train-fp32", "train-amp-bf16", "train-channels-last", "classify-amp-channels-last", "ddp-1proc"]
@@ -58,7 +59,10 @@ def test_cpu_mode_passes_the_cpu_rows_and_skips_the_gpu_rows(tmp_path, tiny_data
         assert float(table[name]["img/s"]) > 0 and float(table[name]["steady img/s"]) > 0, table[name]
         assert table[name]["peak GPU MiB"] == "-"
     assert "backend gloo" in table["ddp-1proc"]["note"]
-    assert "autocast bfloat16" in table["train-amp-bf16"]["note"]
+    # --amp runs what this CPU runs natively: bfloat16 autocast, or float32 with a line saying why.
+    amp = "autocast bfloat16" if native_bf16("cpu") else "--amp: running in float32"
+    assert amp in table["train-amp-bf16"]["note"] and amp in table["classify-amp-channels-last"]["note"]
+    assert f"--amp runs {'autocast bfloat16' if native_bf16('cpu') else 'float32'}" in out
     assert table["infer"]["note"] == "4 masks" and "mIoU" in table["test"]["note"]
     for name in GPU_ONLY_ROWS:
         assert table[name]["result"] == "SKIP" and table[name]["note"].startswith("CPU mode"), table[name]

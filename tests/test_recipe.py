@@ -104,7 +104,7 @@ def test_bfloat16_autocast_trains_one_step_on_cpu():
     seen = []
     model = tiny_net()
     model[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    amp = recipe.setup_amp(Namespace(amp=True, amp_dtype="bfloat16"), torch.device("cpu"))
+    amp = recipe.Amp(torch.bfloat16, "cpu")  # what setup_amp gives where bfloat16 is native (test below)
     before = model[0].weight.detach().clone()
     train_epoch(model, [samples(2)], amp=amp)
     assert seen == [torch.bfloat16]
@@ -112,11 +112,27 @@ def test_bfloat16_autocast_trains_one_step_on_cpu():
     assert torch.isfinite(model[0].weight).all() and not torch.equal(before, model[0].weight)
 
 
-def test_float16_on_cpu_falls_back_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="ailab"):
-        amp = recipe.setup_amp(Namespace(amp=True, amp_dtype="float16"), torch.device("cpu"))
-    assert amp.dtype == torch.bfloat16 and not amp.scaler.is_enabled()
-    assert "float16 needs CUDA" in caplog.text
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (False, True), (False, False)])
+def test_amp_on_cpu_runs_bfloat16_only_where_it_is_native(monkeypatch, caplog, amx, avx512_bf16):
+    """--amp on an x86 CPU: bfloat16 autocast with AMX or AVX512-BF16; elsewhere float32 and one line saying why
+    (float16, which needs CUDA, is tried as bfloat16 first)."""
+    monkeypatch.setattr(recipe.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    native = amx or avx512_bf16
+    assert recipe.native_bf16("cpu") == native
+    for dtype in ("bfloat16", "float16"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ailab"):
+            amp = recipe.setup_amp(Namespace(amp=True, amp_dtype=dtype), torch.device("cpu"))
+        assert amp.dtype == (torch.bfloat16 if native else None) and not amp.scaler.is_enabled()
+        assert amp.describe() == ("autocast bfloat16 (no loss scaling needed)" if native else "float32")
+        assert ("float16 needs CUDA" in caplog.text) == (dtype == "float16")
+        fallback = [r.message for r in caplog.records if "running in float32" in r.message]
+        assert len(fallback) == (0 if native else 1)
+        assert native or "--amp: running in float32: this CPU has no bfloat16 arithmetic (AMX or AVX512-BF16)" \
+            in fallback[0]
+    assert recipe.setup_amp(Namespace(amp=False, amp_dtype="bfloat16"), torch.device("cpu")).dtype is None
 
 
 def test_early_stopping_fires_at_the_right_epoch():
@@ -244,7 +260,8 @@ def test_recipe_flags_in_a_real_run(tmp_path, tiny_data, trained):
     assert f"pretrained {pretrained} -> model: loaded" in log and "missing 0" in log
     assert "froze 12 parameter tensors" in log  # layer1 of ResNet-18: 2 blocks x (2 convs + 2 BNs x 2)
     assert "--sync_bn ignored: a single process" in log
-    assert "autocast bfloat16" in log and "EMA decay 0.9" in log
+    assert ("autocast bfloat16" if recipe.native_bf16("cpu") else "--amp: running in float32") in log
+    assert "EMA decay 0.9" in log
     assert "early stopping: val mIoU has not risen by more than 1 for 1 epochs" in log
     assert "stopped after epoch 2 of 3" in log
     ckpt = torch.load(out / "last.pth", weights_only=True)

@@ -106,7 +106,7 @@ class Check(Runner):
             self.finish(row, rc, seconds, text if rc is None else text + "\n" + log, problem)
             if row.status == "PASS":
                 wait = last_data_wait(events)
-                row.note = "; ".join(x for x in [*[e.strip("(); ") for e in expect if "backend" in e or "autocast" in e],
+                row.note = "; ".join(x for x in [*[e.strip("(); ") for e in expect if "backend" in e or "autocast" in e or "float32" in e],
                                                  f"data wait {wait:.0%}" if wait is not None else ""] if x)
         return self.row(name, fn, timeout=timeout, **kw)
 
@@ -233,13 +233,14 @@ class Check(Runner):
             self.infer_row()
             self.export_row("torchscript")
             self.export_row("onnx")
-            self.train("train-amp-bf16", ["--amp"], expect=["autocast bfloat16"])
+            amp = "autocast bfloat16" if self.bf16 else "--amp: running in float32"
+            self.train("train-amp-bf16", ["--amp"], expect=[amp])
             self.train("train-amp-fp16", ["--amp", "--amp_dtype", "float16"],
                        expect=["autocast float16 with a GradScaler"], gpu_only="float16 autocast needs CUDA")
             self.train("train-channels-last", ["--channels_last"])
             self.train("classify-amp-channels-last", ["--task", "classification", "--model_type", "resnet", "--layers",
                                                       "50", "--image_size", "64", "--amp", "--channels_last"],
-                       expect=["classification data", "autocast bfloat16"], base=self.cls_flags)
+                       expect=["classification data", amp], base=self.cls_flags)
             self.nccl_rule_row()
             self.train("ddp-1proc", nproc=1, expect=[backend])
             if gpu and self.gpus < 2:

@@ -61,6 +61,7 @@ class Runner:
         self.cpu_compile = os.environ.get("GPU_CHECK_CPU_COMPILE", "") not in ("", "0")
         self.device = "cuda" if self.gpu_mode else "cpu"
         self.gpus = 0
+        self.bf16 = None  # set by probe(): whether --amp runs bfloat16 on the checked device
         self.header = []
         self.rows = []
         self.commands = {}
@@ -80,6 +81,11 @@ class Runner:
             import torch
             cuda = torch.cuda.is_available()
             self.gpus = torch.cuda.device_count() if cuda else 0
+            if ROOT not in sys.path:
+                sys.path.insert(0, ROOT)
+            from engine.recipe import native_bf16
+            # What train.py's --amp runs on the checked device: the amp rows expect exactly that.
+            self.bf16 = native_bf16("cuda:0" if self.gpu_mode and cuda else "cpu")
         if self.gpu_mode and not cuda:
             print(f"gpu_check: no CUDA GPU visible (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
                   f"GPU_CHECK_DEVICE=cpu runs the CPU rows instead", flush=True)
@@ -107,6 +113,7 @@ class Runner:
         else:
             self.header.append(f"device: CPU (GPU_CHECK_DEVICE=cpu; CUDA available: {cuda}); GPU-only rows SKIP")
             self.header.append(f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")
+        self.header.append(f"--amp runs {'autocast bfloat16' if self.bf16 else 'float32 (no native bfloat16 here)'}")
         self.header.append(f"python {sys.version.split()[0]} ({self.python}), {os.cpu_count()} CPU cores, "
                            f"host {socket.gethostname()}")
         self.header.append(f"settings: STEPS={self.steps} COMPILE_STEPS={self.compile_steps} BATCHSIZE={self.batchsize} "
