@@ -29,6 +29,7 @@ from engine.optim import (OPTIMIZERS, SCHEDULERS, UPDATE_POLICIES, build_optimiz
 from engine.records import GpuMonitor, Recorder, add_monitor_args, memory_scalars, peak_memory
 from evaluation.evaluate import evaluate
 from evaluation.inference import PredictOptions
+from models import weights as model_weights
 from models.losses import FOCAL_GAMMA, LOSSES
 from tasks.base import headline, record_row, record_scalars, shown_metrics
 
@@ -162,8 +163,17 @@ def main(args):
              else f"lr {lr:g} (not scaled by the {ctx.world_size} processes)")
     log.info(f"batch {args.batchsize} per process × {ctx.world_size} = {args.batchsize * ctx.world_size} per step")
 
-    # Data: the built-in set is generated once per machine by local rank 0 while the others wait.
+    # Published weights by name come before the data, whose normalisation follows them; a machine fetches them once.
     task = tasks.get_task(args.task)
+    weights = pretrained_state = None
+    if args.pretrained and ckpt is None and model_weights.is_weights_name(args.pretrained):
+        weights = model_weights.resolve(args.pretrained, task.weights_arch(args), args.model_type)
+        pretrained_state = model_weights.fetch(weights, ctx)
+    normalisation = task.resolve_normalisation(args, weights)
+    if normalisation:
+        log.info(normalisation)
+
+    # Data: the built-in set is generated once per machine by local rank 0 while the others wait.
     if args.classes and args.numclasses is None:
         args.numclasses = len(args.classes)
     if components.is_component(args.dataset):  # a class registered with DATASETS.register_module() (seed 001)
@@ -193,7 +203,9 @@ def main(args):
     model = task.build_model(args)
     criterion = task.build_criterion(args, model).to(ctx.device)  # a registered loss may hold tensors
     if args.pretrained and ckpt is None:
-        log.info(task.load_pretrained(model, args.pretrained, args.strict_load))
+        source = model_weights.weights_label(weights) if weights else args.pretrained
+        log.info(task.load_pretrained(model, source, args.strict_load, pretrained_state))
+        pretrained_state = None  # the model holds the weights now
     if args.freeze:
         tensors, elements = recipe.freeze(model, args.freeze)
         log.info(f"froze {tensors} parameter tensors ({elements / 1e6:.2f} M values) matching {' '.join(args.freeze)}")

@@ -121,9 +121,8 @@ def read_model(m, get, task):
             m.set(flag, value, where)
     wanted, where = get("model.config.pretrained")
     path, _ = get("model.pretrained")
-    if wanted is True and not path:
-        m.fail(where, "true needs the weights as a local file: set [model] pretrained = \"resnet18.pth\" (a "
-                      "torchvision state dict); nothing is downloaded")
+    if wanted is True and not path:  # "use pretrained weights": the architecture's DEFAULT weights
+        m.set("pretrained", "DEFAULT", where)
     if wanted is False and path:
         m.fail(where, f"false contradicts [model] pretrained = {path!r}; expected true or no weights file")
     channels, where = get("model.config.n_channels")
@@ -203,8 +202,10 @@ def read_transform(m, get, task):
         elif key == "NORMALIZE":
             if not (isinstance(value, list) and len(value) == 2 and all(len(v) == 3 for v in value)):
                 m.fail(at, f"{value!r}: expected [[mean R, G, B], [std R, G, B]]")
-            if task == "segmentation" and value != IMAGENET:
-                m.fail(at, f"segmentation normalises with ImageNet's statistics {IMAGENET}; expected those")
+            if task == "segmentation":  # its transforms normalise with ImageNet's values; --mean/--std are not its
+                if value != IMAGENET:
+                    m.fail(at, f"segmentation normalises with ImageNet's statistics {IMAGENET}; expected those")
+                continue
             m.set("mean", value[0], at)
             m.set("std", value[1], at)
     # Left out means off. Segmentation's pipeline (scaled crops) has only the flip to turn off.

@@ -44,9 +44,12 @@ def add_recipe_args(parser):
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms where torch has them (a warning names the ops without), "
                         "cudnn.benchmark off; without it cudnn.benchmark is on")
-    g.add_argument("--pretrained", default=None, metavar="FILE",
-                   help="initial weights from a local file: a train.py checkpoint or state dict of this model, "
-                        "or a torchvision ResNet state dict for the backbone; a --resume checkpoint wins over it")
+    g.add_argument("--pretrained", default=None, metavar="NAME|FILE",
+                   help="initial weights: torchvision's published weights by name (DEFAULT, IMAGENET1K_V1, "
+                        "ResNet50_Weights.IMAGENET1K_V2; a classifier's whole network, a segmentation model's ResNet "
+                        "backbone), fetched into torch's hub cache (TORCH_HOME); or a local file: a train.py "
+                        "checkpoint or state dict of this model, or a torchvision ResNet state dict for the "
+                        "backbone. A --resume checkpoint wins over it")
     g.add_argument("--strict_load", action="store_true",
                    help="stop if --pretrained leaves any tensor missing, unexpected or of another shape")
     g.add_argument("--freeze", nargs="+", default=None, metavar="PATTERN",

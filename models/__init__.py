@@ -5,3 +5,4 @@ Importing the package registers the built-in models; a --plugin registers more w
 from models import deeplab, lorm, unet  # noqa: F401 - they register the built-in models
 from models.registry import (MODELS, add_model_args, add_weights_arg, build_model, describe_model,  # noqa: F401
                              register_model)
+from models.unet import WITHOUT_RESNET  # noqa: F401

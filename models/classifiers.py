@@ -106,7 +106,7 @@ def classifier_head_keys(model):
 
 def read_weights(path):
     """The state dict stored in a local file at `path`, unwrapped and without DDP / torch.compile prefixes."""
-    expected = "expected a local torchvision state dict file (nothing is downloaded)"
+    expected = "expected a local torchvision state dict file, or torchvision's weights by name (e.g. DEFAULT)"
     if not os.path.isfile(path):
         raise UserError(f"weights file {path} does not exist; {expected}")
     try:
@@ -134,13 +134,15 @@ def first_names(keys):
     return ", ".join(keys[:3]) + more
 
 
-def load_classifier_weights(model, path, strict=False):
-    """Copy the tensors in `path` whose name and shape match into `model`; return a one-line report.
+def load_classifier_weights(model, path, strict=False, state=None):
+    """Copy the tensors in `path` (or `state`, which `path` then names) whose name and shape match into `model`;
+    return a one-line report.
 
     Tensors whose shape differs (a classifier for another class count, conv1 under the small stem) keep their
-    initial values. With strict=True any missing, unexpected or mismatched tensor raises UserError instead.
+    initial values; a re-initialised classifier is named. With strict=True any missing, unexpected or mismatched
+    tensor raises UserError instead.
     """
-    state = read_weights(path)
+    state = read_weights(path) if state is None else state
     own = model.state_dict()
     loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -155,6 +157,10 @@ def load_classifier_weights(model, path, strict=False):
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if keys:
             report += f"; {label}: {first_names(keys)}"
+    head = [k for k in classifier_head_keys(model) if k.endswith("weight") and k in state and k not in loadable]
+    if head:
+        report += (f"; the classifier {head[0].rsplit('.', 1)[0]} is re-initialised for {own[head[0]].shape[0]} "
+                   f"classes (the weights have {state[head[0]].shape[0]})")
     if strict and (missing or unexpected or mismatched):
         raise UserError(report)
     return report

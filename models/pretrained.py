@@ -1,8 +1,9 @@
-"""--pretrained FILE: initial weights from a local file, with a report of what matched.
+"""--pretrained FILE: initial weights from a local file (or torchvision's, models/weights.py), with a report of what
+matched.
 
 The file may hold this model's weights (a train.py checkpoint, or a bare or wrapped state dict, with or
 without DDP's `module.` and torch.compile's `_orig_mod.` prefixes) or a torchvision ResNet ImageNet state
-dict, which goes into `model.backbone`. Nothing is ever downloaded.
+dict, which goes into `model.backbone`.
 """
 import os
 
@@ -17,7 +18,8 @@ CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 def read_state_dict(path):
     """The tensor dict inside `path` (weights_only load), unwrapped from a checkpoint if needed."""
     if not os.path.isfile(path):
-        raise UserError(f"--pretrained {path} does not exist; expected a local .pth file (nothing is downloaded)")
+        raise UserError(f"--pretrained {path} does not exist; expected a local .pth file or torchvision's weights "
+                        f"by name (DEFAULT, IMAGENET1K_V1, ResNet50_Weights.IMAGENET1K_V2)")
     try:
         obj = torch_load_cpu(path)
     except Exception as e:  # truncated, corrupt, or pickled classes that weights_only refuses
@@ -42,12 +44,13 @@ def match(target, state, ignore=()):
     return loadable, missing, unexpected, mismatched
 
 
-def load_pretrained(model, path, strict=False):
-    """Load what fits from `path` into `model` (or its backbone); returns a one-line report.
+def load_pretrained(model, path, strict=False, state=None):
+    """Load what fits from `path` (or `state`, which `path` then names) into `model` (or its backbone); returns a
+    one-line report.
 
     With `strict`, any missing, unexpected or shape-mismatched tensor is an error instead.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path) if state is None else unwrap_state_dict(state)
     target, where = model, "model"
     loadable, missing, unexpected, mismatched = match(model, state)
     backbone = getattr(model, "backbone", None)

@@ -122,6 +122,10 @@ def build_unet(args):
     return SegmentationModel(backbone, head)
 
 
+# Segmentation models whose encoder is no torchvision ResNet, so --pretrained NAME has no weights for them.
+WITHOUT_RESNET = ("unet_plain",)
+
+
 @register_model("unet_plain")
 def build_unet_plain(args):
     _check_unet_args(args)

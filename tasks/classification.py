@@ -17,6 +17,7 @@ from data.mixing import MixCollate, MixedCriterion
 from evaluation import inference
 from evaluation.metrics import ClassificationMetrics
 from models import classifiers
+from models import weights as model_weights
 from models.losses import build_criterion
 from models.registry import MODELS, build_model
 from tasks.segmentation import denormalize
@@ -70,9 +71,10 @@ class ClassificationTask:
         g.add_argument("--color_jitter", type=float, nargs=4, default=[0.0, 0.0, 0.0, 0.0],
                        metavar=("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE"),
                        help="random colour changes: factors in [1-x, 1+x], hue shift up to +-HUE of the circle")
-        g.add_argument("--mean", type=float, nargs=3, default=list(cls_transforms.IMAGENET_MEAN),
-                       help="normalisation mean of R, G, B (0..1)")
-        g.add_argument("--std", type=float, nargs=3, default=list(cls_transforms.IMAGENET_STD))
+        g.add_argument("--mean", type=float, nargs=3, default=None,
+                       help="normalisation mean of R, G, B (0..1); default: the --pretrained weights' by name, "
+                            "else ImageNet's")
+        g.add_argument("--std", type=float, nargs=3, default=None, help="likewise the standard deviations")
         g.add_argument("--split_ratio", type=float, nargs="+", default=[0.8, 0.1, 0.1], metavar="R",
                        help="train val [test] shares of one image-folder tree (stratified, stable per --split_seed; "
                             "saved as split.json in the run folder)")
@@ -143,9 +145,21 @@ class ClassificationTask:
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
 
     @staticmethod
-    def load_pretrained(model, path, strict):
-        """What fits from a local torchvision state dict; a classifier of another shape stays as initialised."""
-        return classifiers.load_classifier_weights(model, path, strict)
+    def weights_arch(args):
+        """The torchvision architecture whose published weights --pretrained NAME loads (None: a custom model)."""
+        if MODELS.takes_kwargs(args.model_type) or args.model_type in CLASSIFIERS:
+            return None
+        return classifiers.resolve_arch(args.model_type, args.layers)
+
+    @staticmethod
+    def resolve_normalisation(args, weights):
+        """--mean/--std: given, else the named weights', else ImageNet's; the line to log, or None."""
+        return model_weights.resolve_normalisation(args, weights)
+
+    @staticmethod
+    def load_pretrained(model, path, strict, state=None):
+        """What fits from a torchvision state dict; a classifier of another shape stays as initialised."""
+        return classifiers.load_classifier_weights(model, path, strict, state)
 
     @staticmethod
     def build_criterion(args, model):
@@ -330,11 +344,16 @@ def train_transform(args):
     return cls_transforms.TrainTransform(
         args.image_size, scale=tuple(args.rrc_scale) if args.train_crop == "random_resized" else None,
         ratio=tuple(args.rrc_ratio), hflip_prob=args.hflip_prob, vflip_prob=args.vflip_prob,
-        rotation=args.rotation, color_jitter=tuple(args.color_jitter), mean=tuple(args.mean), std=tuple(args.std))
+        rotation=args.rotation, color_jitter=tuple(args.color_jitter), **normalisation(args))
 
 
 def eval_transform(args):
-    return cls_transforms.EvalTransform(args.image_size, args.val_resize, mean=tuple(args.mean), std=tuple(args.std))
+    return cls_transforms.EvalTransform(args.image_size, args.val_resize, **normalisation(args))
+
+
+def normalisation(args):
+    """--mean/--std; train.py resolves them (models.weights.resolve_normalisation), other callers get ImageNet's."""
+    return {"mean": tuple(args.mean or cls_transforms.IMAGENET_MEAN), "std": tuple(args.std or cls_transforms.IMAGENET_STD)}
 
 
 class MistakeWriter:

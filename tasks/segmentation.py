@@ -12,8 +12,11 @@ from data.loaders import pad_collate
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 from evaluation import inference
 from evaluation.metrics import ConfusionMatrix, class_map
+from models import weights as model_weights
+from models.backbone import RESNETS
 from models.losses import build_criterion
 from models.pretrained import load_pretrained
+from models.registry import MODELS
 from tasks import scribble
 from tasks.base import log
 from utils import replacing
@@ -69,8 +72,20 @@ class SegmentationTask:
         return models.describe_model(model, args)
 
     @staticmethod
-    def load_pretrained(model, path, strict):
-        return load_pretrained(model, path, strict)
+    def weights_arch(args):
+        """The torchvision architecture whose published weights --pretrained NAME loads: the ResNet backbone's."""
+        if MODELS.takes_kwargs(args.model_type) or args.model_type in models.WITHOUT_RESNET:
+            return None
+        return RESNETS[args.layers]
+
+    @staticmethod
+    def resolve_normalisation(args, weights):
+        """Segmentation normalises with ImageNet's values (no flags): say whether the weights were trained so."""
+        return model_weights.imagenet_normalisation_note(weights)
+
+    @staticmethod
+    def load_pretrained(model, path, strict, state=None):
+        return load_pretrained(model, path, strict, state)
 
     @staticmethod
     def build_criterion(args, model):

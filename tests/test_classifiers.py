@@ -158,7 +158,7 @@ def test_load_weights_errors(tmp_path):
     missing = tmp_path / "missing.pth"
     with pytest.raises(UserError) as e:
         load_classifier_weights(model, str(missing))
-    assert str(missing) in one_line(e) and "nothing is downloaded" in one_line(e)
+    assert str(missing) in one_line(e) and "weights by name (e.g. DEFAULT)" in one_line(e)
     listed = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], listed)
     with pytest.raises(UserError) as e:

@@ -38,19 +38,13 @@ def parse(argv, script=train):
 
 
 def seed002_example(tmp_path, pretrained_line="pretrained = false"):
-    """Seed 002's fragments (tests/schemas/seed002_full.toml), with the dataset's `ref` file next to them."""
+    """Seed 002's fragments (tests/schemas/seed002_full.toml), with the dataset's `ref` file next to them; its
+    `pretrained = true` (the DEFAULT weights, test_weights.py) becomes `pretrained_line`."""
     text = open(SEED002).read().replace("pretrained = true ", pretrained_line + " ")
     (tmp_path / "custom.yaml").write_text("num_samples: 100\n")
     path = tmp_path / "seed002.toml"
     path.write_text(text)
     return str(path)
-
-
-def test_seed002_fragments_verbatim_stop_at_pretrained_true_without_a_file(tmp_path):
-    path = seed002_example(tmp_path, "pretrained = true")
-    with pytest.raises(UserError) as e:
-        parse(["--config", path])
-    assert str(e.value).startswith(f"'model.config.pretrained' in {path}: true needs the weights as a local file")
 
 
 def test_seed002_every_key_resolves_to_its_documented_meaning(tmp_path):
