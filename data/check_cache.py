@@ -2,7 +2,8 @@
 
 The record lives in the data cache (--data_cache), one text file per data root. Each line is
 `<level>\t<size>\t<mtime_ns>\t<relative path>`, level `h` (the header was read) or `f` (the image was decoded).
-A file counts as checked when its current size and mtime_ns match a line at its level or better. Anything that
+A file counts as checked when its current size and mtime_ns match a line at its level or better (a decode
+covers a header). Anything that
 is missing, unreadable, from another version or mangled is simply not a match, so a bad record costs a re-check
 and never stops a run.
 """
@@ -25,37 +26,33 @@ def file_key(size, mtime_ns, rel):
     return f"{size}\t{mtime_ns}\t{rel}"
 
 
+_last_read = (None, None, frozenset())  # (path, (size, mtime_ns), lines): train and val read the same record
+
+
 def read_record(path):
-    """{key: level tag} of the files that passed; {} when there is no usable record at `path`."""
+    """The set of lines `<tag>\t<key>` of the files that passed; empty when there is no usable record at `path`."""
+    global _last_read
     try:
+        st = os.stat(path)
+        if _last_read[:2] == (path, (st.st_size, st.st_mtime_ns)):
+            return _last_read[2]
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    if lines[0] != HEADER:
-        return {}
-    record = {}
-    for line in lines[1:]:
-        tag, _, key = line.partition("\t")
-        if tag in ("h", "f") and key.count("\t") >= 2 and record.get(key) != "f":
-            record[key] = tag
+        return frozenset()
+    record = frozenset(lines[1:]) if lines[0] == HEADER else frozenset()
+    _last_read = (path, (st.st_size, st.st_mtime_ns), record)
     return record
 
 
-def passed(record, key, level):
-    """True when `record` says the file behind `key` passed a check at `level` (a decode also covers a header)."""
-    tag = record.get(key)
-    return tag == "f" or (tag == "h" and level == "header")
-
-
 def write_record(path, record, current):
-    """Write `record` updated with `current` ({key: tag} of the files just checked or confirmed); lines of the
-    same relative paths with another size or mtime are dropped. Returns False (and changes nothing) when the
-    file cannot be written: the next start then checks again."""
-    rels = {key.split("\t", 2)[2] for key in current}
-    kept = {key: tag for key, tag in record.items() if key.split("\t", 2)[2] not in rels}
-    kept.update(current)
-    text = "\n".join([HEADER, *(f"{tag}\t{key}" for key, tag in kept.items())]) + "\n"
+    """Write `record` updated with `current` (lines of the files just checked or confirmed); lines of the same
+    relative paths with another size or mtime are dropped. Returns False (and changes nothing) when the file
+    cannot be written: the next start then checks again."""
+    rels = {line.split("\t", 3)[-1] for line in current}
+    kept = [line for line in record if line.count("\t") == 3 and line[:2] in ("h\t", "f\t")
+            and line.split("\t", 3)[3] not in rels]
+    text = "\n".join([HEADER, *sorted(kept), *current]) + "\n"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
