@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run
+from conftest import run, torchrun
 from data import check_cache
 from data.folder import ClassificationDataset, check_images, scan_image_folder
 from data.loaders import build_eval_loader
@@ -110,3 +110,18 @@ def test_training_skips_an_image_corrupted_after_the_check(tmp_path):
     assert f"skipped image '{broken}' (cannot be decoded) on rank 0" in proc.stdout
     assert "skipped 1 unreadable images" in proc.stdout
     assert os.path.isfile(tmp_path / "run" / "last.pth")
+
+
+def test_two_processes_log_their_own_skips_and_count_them_together(tmp_path):
+    root = tmp_path / "data"
+    make_tree(root / "train")
+    make_tree(root / "val", per_class=2)
+    broken = [os.path.join(str(root), "train", kind, "04.png") for kind in ("circle", "stripes", "square")]
+    for path in broken:
+        with open(path, "wb") as f:
+            f.write(b"")
+    proc = torchrun(2, ["train.py", *CLS_TINY, "--image_check", "none", "--dataset_path", str(root),
+                        "--logdir", str(tmp_path / "run")], tmp_path=tmp_path)
+    assert "skipped 3 unreadable images" in proc.stdout
+    for path in broken:  # rank 0 logs to stdout, rank 1 its warnings to stderr
+        assert f"skipped image '{path}' (cannot be decoded)" in proc.stdout + proc.stderr
