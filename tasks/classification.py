@@ -123,6 +123,8 @@ class ClassificationTask:
     def train_collate(args):
         mix = (MixCollate(args.mixup_prob, args.cutmix_prob, args.mixup_alpha, args.cutmix_alpha)
                if args.mixup_prob or args.cutmix_prob else None)
+        if getattr(args, "loader", "opencv") == "dali":  # DALI decodes and stacks itself: only the mix applies
+            return mix
         return SkipUnreadable(mix, (3, args.image_size, args.image_size))
 
     # -- model, loss, metric ------------------------------------------------------------------------
