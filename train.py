@@ -309,7 +309,8 @@ def main(args):
             rates.append(train["images_per_s"])
             log.info(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f}, val "
                      + headline(val, shown) + (" (EMA weights)" if ema else "")
-                     + f", {train['images_per_s']:.1f} img/s" + (" (best)" if improved else ""))
+                     + f", {train['images_per_s']:.1f} img/s" + (" (best)" if improved else "")
+                     + (f"; skipped {train['skipped_images']} unreadable images" if train["skipped_images"] else ""))
             record_epoch(recorder, epoch + 1, step, train, val, class_names)
             if ctx.is_main and args.vis_interval and (epoch + 1) % args.vis_interval == 0:
                 recorder.image("val/predictions", task.prediction_grid(ema.module if ema else model_without_ddp,
@@ -371,7 +372,8 @@ def record_epoch(recorder, epoch, step, train, val, class_names):
     memory = memory_scalars()
     scalars = {"epoch/train_loss": train["loss"], **{f"epoch/train_loss_{k}": v for k, v in train["terms"].items()},
                "epoch/lr": train["lr"], "epoch/images_per_s": train["images_per_s"],
-               "epoch/data_wait": train["data_wait"], **record_scalars(val, class_names), **memory}
+               "epoch/data_wait": train["data_wait"], **record_scalars(val, class_names), **memory,
+               **({"epoch/skipped_images": train["skipped_images"]} if train.get("skipped_images") else {})}
     recorder.scalars(scalars, epoch)
     recorder.event({"epoch": epoch, "step": step, "time": time.time(), **scalars})
     recorder.epoch_row({"epoch": epoch, "lr": f"{train['lr']:.6g}", "train_loss": f"{train['loss']:.6f}",

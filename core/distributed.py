@@ -36,6 +36,8 @@ LAUNCHER_ENV = (
 
 # Under NCCL, collectives run on this process's GPU; under gloo (and MPI) on the CPU. Set by init_distributed.
 _comm_device = torch.device("cpu")
+# This process's rank on its machine, for what one process per machine does (files in the data cache).
+_local_rank = 0
 
 
 class CollectiveError(RunError):
@@ -59,6 +61,11 @@ class Dist:
     @property
     def distributed(self):
         return is_initialized()
+
+
+def is_local_main():
+    """True in the process that writes this machine's shared files (local rank 0)."""
+    return _local_rank == 0
 
 
 def is_initialized():
@@ -127,9 +134,10 @@ def pick_device(spec, local_rank, local_world_size, distributed):
 
 def init_distributed(args):
     """Pick the device and, under a launcher, join the process group. Returns a Dist."""
-    global _comm_device
+    global _comm_device, _local_rank
     found = launcher_env(args)
     launcher, rank, world, local, local_world = found or ("", 0, 1, args.local_rank or 0, 1)
+    _local_rank = local
     if args.world_size is not None and args.world_size != world:
         raise UserError(f"{config.given_as(args, 'world_size')} does not match the {world} process(es) "
                         f"that the environment ({launcher or 'no launcher'}) describes")

@@ -13,7 +13,9 @@ import cv2
 import torch
 from PIL import Image
 
+from data import check_cache
 from data.cls_transforms import to_tensor
+from data.unreadable import Unreadable
 from utils import UserError, first_line, replacing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -238,34 +240,67 @@ def _header_problem(path):
         return "does not exist" if not os.path.isfile(path) else f"has an unreadable header ({first_line(e)})"
 
 
-def check_images(root, samples, full=None):
-    """UserError naming the first unreadable image (and how many more) before training starts.
+def check_images(root, samples, full=None, level=None, cache=None, write_cache=True):
+    """UserError naming the first unreadable image (and how many more) before training starts; returns how many
+    files were read (the others passed before, unchanged, by the record at `cache`).
 
-    full=None decodes every image when there are at most FULL_CHECK_LIMIT, else reads only headers."""
-    full = len(samples) <= FULL_CHECK_LIMIT if full is None else full
-    paths = [os.path.join(root, rel) for rel, _ in samples]
-    check = _decode_problem if full else _header_problem
+    level: "full" decodes every image, "header" reads headers, "none" checks nothing; None (the old `full`
+    argument) decodes up to FULL_CHECK_LIMIT samples, else reads headers. `cache`: the check record's path
+    (data/check_cache.py), updated when `write_cache` (one process per machine) and something was read."""
+    if level is None:
+        full = len(samples) <= FULL_CHECK_LIMIT if full is None else full
+        level = "full" if full else "header"
+    if level == "none":
+        return 0
+    record = check_cache.read_record(cache) if cache else frozenset()
+    current, todo, problems, newly = [], [], [], 0
+    prefix = os.path.join(root, "")  # joined by hand: os.path.join costs as much as the stat below
+    for order, (rel, _) in enumerate(samples):
+        path = prefix + rel
+        try:
+            st = os.stat(path)
+        except OSError:
+            problems.append((order, path, "does not exist"))
+            continue
+        key = f"{st.st_size}\t{st.st_mtime_ns}\t{rel}"  # check_cache.file_key, inlined: this loop is the restart
+        if "f\t" + key in record:
+            current.append("f\t" + key)
+        elif level == "header" and "h\t" + key in record:
+            current.append("h\t" + key)
+        else:
+            todo.append((order, path, key))
+    check = _decode_problem if level == "full" else _header_problem
     pool = ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2), thread_name_prefix="check_images")
-    problems = []
     try:
-        for start in range(0, len(paths), 4096):  # in chunks, so a huge list never holds millions of futures
-            chunk = paths[start:start + 4096]
-            problems += [(p, why) for p, why in zip(chunk, pool.map(check, chunk)) if why]
+        for start in range(0, len(todo), 4096):  # in chunks, so a huge list never holds millions of futures
+            chunk = todo[start:start + 4096]
+            for (order, path, key), why in zip(chunk, pool.map(check, [path for _, path, _ in chunk])):
+                if why:
+                    problems.append((order, path, why))
+                else:
+                    current.append(f"{check_cache.TAGS[level]}\t{key}")
+                    newly += 1
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    if cache and write_cache and newly:
+        check_cache.write_record(cache, record, current)
     if problems:
+        _, path, why = min(problems)  # the first in the samples' order
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"image '{problems[0][0]}' {problems[0][1]}{more}; expected every listed image to be a "
+        raise UserError(f"image '{path}' {why}{more}; expected every listed image to be a "
                         f"readable image file (fix or remove it)")
+    return len(todo)
 
 
 class ClassificationDataset(torch.utils.data.Dataset):
     """(transform(RGB uint8 HxWx3), label) pairs for samples under `root`; default transform: ImageNet-normalised
-    float32 3xHxW tensor without resizing."""
+    float32 3xHxW tensor without resizing. With `skip_unreadable`, an image that cannot be decoded (it changed
+    after the check, or the check was skipped) comes back as an Unreadable marker instead of raising."""
 
-    def __init__(self, root, samples, classes, transform=None):
-        self.root, self.classes = root, list(classes)
-        self.paths = [os.path.join(root, rel) for rel, _ in samples]
+    def __init__(self, root, samples, classes, transform=None, skip_unreadable=False):
+        self.root, self.classes, self.skip_unreadable = root, list(classes), skip_unreadable
+        prefix = os.path.join(root, "")
+        self.paths = [prefix + rel for rel, _ in samples]
         self.labels = [int(label) for _, label in samples]
         bad = [label for label in self.labels if not 0 <= label < len(self.classes)]
         if bad:
@@ -276,4 +311,11 @@ class ClassificationDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(read_rgb(self.paths[i])), self.labels[i]
+        try:
+            image = read_rgb(self.paths[i])
+        except UserError:
+            if not self.skip_unreadable:
+                raise
+            why = "cannot be decoded" if os.path.isfile(self.paths[i]) else "does not exist"
+            return Unreadable(i, self.paths[i], why)  # SkipUnreadable drops it from the batch
+        return self.transform(image), self.labels[i]

@@ -10,6 +10,8 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
+from core.distributed import all_reduce_sum
+from data.unreadable import split_batch
 from engine.optim import set_lr
 
 log = logging.getLogger("ailab")
@@ -92,8 +94,11 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
     buffers = list(model.buffers())
     terms, lr, sums = {}, run.lr_fn(step), None
     optimizer.zero_grad(set_to_none=True)
-    for i, (image, target) in enumerate(itertools.islice(loader, max(0, n - first_batch)), start=first_batch):
+    for i, batch in enumerate(itertools.islice(loader, max(0, n - first_batch)), start=first_batch):
         progress.data_ready()
+        image, target, unreadable = split_batch(batch)
+        if unreadable:  # logged by the rank that met them; only rank 0 prints, but every rank logs warnings
+            progress.skip(unreadable, epoch, ctx.rank)
         image = image.to(ctx.device, non_blocking=True,
                          memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         target = to_device(target, ctx.device)
@@ -108,6 +113,8 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
         with contextlib.nullcontext() if updates or not hasattr(model, "no_sync") else model.no_sync():
             with amp.autocast():
                 loss, terms = forward_loss(model, run.criterion, image, target)
+            if image.shape[0] == 0:  # every image unreadable: this rank adds nothing, but still joins DDP's reduce
+                loss, terms = loss.nan_to_num(0.0), {k: v.nan_to_num(0.0) for k, v in terms.items()}
             batch_sums = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())])
             sums = batch_sums if i == group_start else sums + batch_sums
             dropped = False
@@ -139,7 +146,9 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
             if every and ((i + 1) // every > group_start // every or i + 1 == n) and not dropped:
                 log_step(run, progress, bar, epoch, i + 1, n, step, value, term_values, lr)
     bar.close()
-    return progress.summary(terms, run.lr_fn(step - 1)), step
+    # One collective per epoch: the images skipped on all ranks (each rank logged its own as it met them).
+    skipped = int(all_reduce_sum(torch.tensor([float(progress.skipped)], device=ctx.device)).item())
+    return {**progress.summary(terms, run.lr_fn(step - 1)), "skipped_images": skipped}, step
 
 
 class Progress:
@@ -150,10 +159,18 @@ class Progress:
 
     def __init__(self, world_size):
         self.world_size, self.sums, self.smoothed, self.seen, self.data_wait = world_size, None, None, 0, 0.0
+        self.skipped = 0
         self.start = self.ready = time.perf_counter()
 
     def data_ready(self):
         self.data_wait += time.perf_counter() - self.ready
+
+    def skip(self, unreadable, epoch, rank):
+        """Images this rank dropped from a batch because they could not be read."""
+        for item in unreadable:
+            self.skipped += 1
+            log.warning(f"skipped image '{item.path}' ({item.reason}) on rank {rank}, epoch {epoch + 1}: "
+                        f"{self.skipped} skipped on this rank this epoch")
 
     def count(self, batch_size):
         """A batch was trained on (this rank's share of it)."""

@@ -1,9 +1,14 @@
 """Evaluation over sharded data: every rank predicts its shard, the metric is summed over all ranks."""
 import itertools
+import logging
 import sys
 
 import torch
 from tqdm import tqdm
+
+from data.unreadable import split_batch
+
+log = logging.getLogger("ailab")
 
 
 @torch.no_grad()
@@ -12,18 +17,27 @@ def evaluate(model, loader, metric, predict, on_prediction=None, limit=None, pro
 
     `predict(model, image)` gives class probabilities (N x K, or N x K x H x W at the labels' size).
     `on_prediction(index, probs, image)` is called for each sample with its dataset index, its probabilities
-    and its input tensor (CPU).
+    and its input tensor (CPU). A sample that its loader dropped as unreadable (data/unreadable.py) is logged
+    and left out of the metric.
     """
     model.eval()
     order = iter(loader.sampler)
     total = min(len(loader), limit or len(loader))
     batches = tqdm(itertools.islice(loader, limit), total=total, desc="val", file=sys.stdout, dynamic_ncols=True,
                    leave=False, disable=not progress)
-    for image, target in batches:
+    for batch in batches:
+        image, target, unreadable = split_batch(batch)
+        for item in unreadable:  # left out of the metric; each rank logs its own
+            log.warning(f"evaluation skipped image '{item.path}' ({item.reason})")
+        # the sampler's order lists the skipped samples too
+        left_out = {item.index for item in unreadable}
+        indices = [i for i in itertools.islice(order, image.shape[0] + len(unreadable)) if i not in left_out]
+        if image.shape[0] == 0:
+            continue
         image, target = image.to(metric.device, non_blocking=True), target.to(metric.device, non_blocking=True)
         probs = predict(model, image)
         metric.add(probs, target)
         if on_prediction is not None:
-            for p, im in zip(probs, image):
-                on_prediction(next(order), p, im.cpu())
+            for index, p, im in zip(indices, probs, image):
+                on_prediction(index, p, im.cpu())
     return metric.reduce().compute()

@@ -10,10 +10,11 @@ import cv2
 import numpy as np
 import torch
 
-from core.distributed import barrier, gather_objects
+from core.distributed import barrier, gather_objects, is_local_main
 from core.registry import Registry, check_no_kwargs
-from data import cls_transforms, digits, folder
+from data import check_cache, cls_transforms, digits, folder
 from data.mixing import MixCollate, MixedCriterion
+from data.unreadable import SkipUnreadable, Unreadable
 from evaluation import inference
 from evaluation.metrics import ClassificationMetrics
 from models import classifiers
@@ -39,7 +40,7 @@ class ClassificationTask:
     labels = {**{f"top{k}": f"top-{k}" for k in range(1, 21)}, "macro_f1": "macro F1", "raw_top1": "raw weights top-1"}
     datasets = DATASETS
     outputs = "predictions"  # what infer.py writes per image
-    eval_collate = None
+    eval_collate = SkipUnreadable()  # an unreadable val image is dropped from its batch (evaluation logs it)
     # Defaults that suit the built-in digits on a CPU (like segmentation's suit its built-in scenes), here for the
     # flags both tasks share; configs/ddp_example.toml is the template for ImageNet-like data on GPUs.
     defaults = {"model_type": "resnet", "dataset": "folder", "epochs": 4, "batchsize": 64, "val_batchsize": 64,
@@ -79,6 +80,11 @@ class ClassificationTask:
                        help="train val [test] shares of one image-folder tree (stratified, stable per --split_seed; "
                             "saved as split.json in the run folder)")
         g.add_argument("--split_seed", type=int, default=0)
+        g.add_argument("--image_check", default="header", choices=["full", "header", "none"],
+                       help="before training, every image of a folder or list dataset is decoded (full), has its "
+                            "header read (header) or is not checked (none); files that passed keep a record in "
+                            "--data_cache, so a restart checks only changed files. An image that cannot be decoded "
+                            "during training is skipped, logged and counted")
         g.add_argument("--stem", default="auto", choices=["auto", "imagenet", "small"],
                        help="ResNet stem: small is a 3x3 stride-1 conv without max-pool for 8-64 px inputs; "
                             "auto picks it for ResNets at --image_size <= 64")
@@ -117,9 +123,11 @@ class ClassificationTask:
 
     @staticmethod
     def train_collate(args):
-        if args.mixup_prob or args.cutmix_prob:
-            return MixCollate(args.mixup_prob, args.cutmix_prob, args.mixup_alpha, args.cutmix_alpha)
-        return None
+        mix = (MixCollate(args.mixup_prob, args.cutmix_prob, args.mixup_alpha, args.cutmix_alpha)
+               if args.mixup_prob or args.cutmix_prob else None)
+        if getattr(args, "loader", "opencv") == "dali":  # DALI decodes and stacks itself: only the mix applies
+            return mix
+        return SkipUnreadable(mix, (3, args.image_size, args.image_size))
 
     # -- model, loss, metric ------------------------------------------------------------------------
     @staticmethod
@@ -189,7 +197,10 @@ class ClassificationTask:
         model.eval()
         tiles = []
         for index in range(min(count, len(dataset))):
-            image, label = dataset[index]
+            item = dataset[index]
+            if isinstance(item, Unreadable):
+                continue
+            image, label = item
             pred = int(model(image[None].to(device)).argmax(1)[0])
             tile = cv2.resize(denormalize(image), (96, 96), interpolation=cv2.INTER_NEAREST)
             tile = cv2.copyMakeBorder(tile, 0, 18, 0, 0, cv2.BORDER_CONSTANT, value=(255, 255, 255))
@@ -332,12 +343,16 @@ def check_numclasses(args, found):
 
 @register_classification_dataset("folder")
 def build_folder_dataset(args, root, samples, classes, train):
-    """Images by path relative to `root`; every file is checked before the first step."""
+    """Images by path relative to `root`, checked before the first step at --image_check (a file that passed
+    before, unchanged, is not read again); an image unreadable later is skipped by the loader."""
     if not samples:
         raise UserError(f"a split of {root} has no images; expected at least one per split")
-    folder.check_images(root, samples)
+    cache_dir = getattr(args, "data_cache", None)
+    folder.check_images(root, samples, level=getattr(args, "image_check", "header"),
+                        cache=check_cache.cache_file(cache_dir, root) if cache_dir else None,
+                        write_cache=is_local_main())
     transform = train_transform(args) if train else eval_transform(args)
-    return folder.ClassificationDataset(root, samples, classes, transform)
+    return folder.ClassificationDataset(root, samples, classes, transform, skip_unreadable=True)
 
 
 def train_transform(args):
