@@ -61,9 +61,9 @@ def _images_under(folder):
     for here, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = os.path.relpath(here, folder)
-        for name in files:
-            if is_image_file(name):
-                found.append(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}")
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        # is_image_file, inlined: a large tree has a million names
+        found += [prefix + name for name in files if name[0] != "." and name.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 
 
@@ -242,52 +242,66 @@ def _header_problem(path):
 
 def check_images(root, samples, full=None, level=None, cache=None, write_cache=True):
     """UserError naming the first unreadable image (and how many more) before training starts; returns how many
-    files were read (the others passed before, unchanged, by the record at `cache`).
+    files were read (the others passed before, unchanged, by the record at `cache`: data/check_cache.py).
 
     level: "full" decodes every image, "header" reads headers, "none" checks nothing; None (the old `full`
-    argument) decodes up to FULL_CHECK_LIMIT samples, else reads headers. `cache`: the check record's path
-    (data/check_cache.py), updated when `write_cache` (one process per machine) and something was read."""
+    argument) decodes up to FULL_CHECK_LIMIT samples, else reads headers. The record is updated when
+    `write_cache` (one process per machine) and something changed."""
     if level is None:
         full = len(samples) <= FULL_CHECK_LIMIT if full is None else full
         level = "full" if full else "header"
     if level == "none":
         return 0
-    record = check_cache.read_record(cache) if cache else frozenset()
-    current, todo, problems, newly = [], [], [], 0
-    prefix = os.path.join(root, "")  # joined by hand: os.path.join costs as much as the stat below
-    for order, (rel, _) in enumerate(samples):
-        path = prefix + rel
+    record = check_cache.read_record(cache) if cache else check_cache.Record()
+    prefix = os.path.join(root, "")  # joined by hand: os.path.join costs as much as a stat
+    rels = [rel for rel, _ in samples]
+    folders = {}  # relative folder -> its mtime_ns before its files are looked at (None: it cannot be read)
+    for folder in dict.fromkeys(rel.rpartition("/")[0] for rel in rels):
         try:
-            st = os.stat(path)
+            folders[folder] = os.stat(prefix + folder).st_mtime_ns
         except OSError:
-            problems.append((order, path, "does not exist"))
+            folders[folder] = None
+    trusted = {folder: record.folder_unchanged(folder, mtime, level) for folder, mtime in folders.items()}
+    if all(trusted.values()) and record.passed_names(level).issuperset(rels):
+        return 0  # the restart: nothing changed, nothing is read or written
+    tag, confirmed, todo, problems = check_cache.TAGS[level], {}, [], []
+    passed = record.passed_names(level)
+    for order, rel in enumerate(rels):
+        if rel in passed and trusted[rel.rpartition("/")[0]]:
+            confirmed[rel] = record.entries()[rel]
             continue
-        key = f"{st.st_size}\t{st.st_mtime_ns}\t{rel}"  # check_cache.file_key, inlined: this loop is the restart
-        if "f\t" + key in record:
-            current.append("f\t" + key)
-        elif level == "header" and "h\t" + key in record:
-            current.append("h\t" + key)
+        try:  # a changed folder (or a file never checked): the file's own size and mtime decide
+            st = os.stat(prefix + rel)
+        except OSError:
+            problems.append((order, rel, "does not exist"))
+            continue
+        stat = f"{st.st_size}\t{st.st_mtime_ns}"
+        entry = record.matches(rel, st.st_size, st.st_mtime_ns, level)
+        if entry is None:
+            todo.append((order, rel, stat))
         else:
-            todo.append((order, path, key))
+            confirmed[rel] = entry
     check = _decode_problem if level == "full" else _header_problem
     pool = ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2), thread_name_prefix="check_images")
     try:
         for start in range(0, len(todo), 4096):  # in chunks, so a huge list never holds millions of futures
             chunk = todo[start:start + 4096]
-            for (order, path, key), why in zip(chunk, pool.map(check, [path for _, path, _ in chunk])):
+            for (order, rel, stat), why in zip(chunk, pool.map(check, [prefix + rel for _, rel, _ in chunk])):
                 if why:
-                    problems.append((order, path, why))
+                    problems.append((order, rel, why))
                 else:
-                    current.append(f"{check_cache.TAGS[level]}\t{key}")
-                    newly += 1
+                    confirmed[rel] = (tag, stat)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    if cache and write_cache and newly:
-        check_cache.write_record(cache, record, current)
+    bad = {rel.rpartition("/")[0] for _, rel, _ in problems}
+    changed = {folder: (tag, mtime) for folder, mtime in folders.items()
+               if not trusted[folder] and mtime is not None and folder not in bad}
+    if cache and write_cache and (todo or changed):
+        check_cache.write_record(cache, record, confirmed, changed)
     if problems:
-        _, path, why = min(problems)  # the first in the samples' order
+        _, rel, why = min(problems)  # the first in the samples' order
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"image '{path}' {why}{more}; expected every listed image to be a "
+        raise UserError(f"image '{prefix + rel}' {why}{more}; expected every listed image to be a "
                         f"readable image file (fix or remove it)")
     return len(todo)
 

@@ -2,6 +2,7 @@
 data cache), `none` reads nothing, and an image that turns out unreadable while training or evaluating is skipped,
 logged and counted instead of stopping the run. Everything runs in a few seconds on 2 CPU cores."""
 import os
+import time
 
 import cv2
 import numpy as np
@@ -26,17 +27,36 @@ def small_tree(root, n=6):
     return scan_image_folder(str(root))[1]
 
 
+def replace_file(path, image):
+    """Write `image` to a new name and rename it over `path`, as most tools that update a file do: the folder's
+    mtime changes. The pause keeps that mtime from falling in the same clock tick as the last check's."""
+    time.sleep(0.05)
+    assert cv2.imwrite(str(path) + ".new.png", image)
+    os.replace(str(path) + ".new.png", path)
+
+
 def test_second_check_reads_only_changed_files(tmp_path):
     samples = small_tree(tmp_path / "data")
     root, record = str(tmp_path / "data"), str(tmp_path / "cache" / "record.txt")
+    cat = tmp_path / "data" / "cat"
     assert check_images(root, samples, level="header", cache=record) == 6
     assert check_images(root, samples, level="header", cache=record) == 0
-    # a new mtime, then a new size: each makes that one file be read again
-    st = os.stat(tmp_path / "data" / "cat" / "2.png")
-    os.utime(tmp_path / "data" / "cat" / "2.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    # a file replaced (its folder changes): the folder's files are stat'ed and only that one is read again
+    replace_file(cat / "4.png", np.zeros((9, 9, 3), np.uint8))
     assert check_images(root, samples, level="header", cache=record) == 1
-    assert cv2.imwrite(str(tmp_path / "data" / "cat" / "4.png"), np.zeros((9, 9, 3), np.uint8))
-    assert check_images(root, samples, level="header", cache=record) == 1
+    assert check_images(root, samples, level="header", cache=record) == 0
+    # a new mtime on a file of a changed folder is a change
+    st = os.stat(cat / "2.png")
+    os.utime(cat / "2.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    replace_file(cat / "5.png", np.full((5, 6, 3), 50, np.uint8))
+    assert check_images(root, samples, level="header", cache=record) == 2
+    # a new file: only it is read
+    time.sleep(0.05)
+    assert cv2.imwrite(str(cat / "6.png"), np.zeros((4, 4, 3), np.uint8))
+    assert check_images(root, samples + [("cat/6.png", 0)], level="header", cache=record) == 1
+    # a file rewritten in place leaves its folder's mtime alone: not re-read at the start (training skips it
+    # if it has become unreadable: test_training_skips_an_image_corrupted_after_the_check)
+    os.utime(cat / "3.png", ns=(st.st_atime_ns, st.st_mtime_ns + 5000))
     assert check_images(root, samples, level="header", cache=record) == 0
     # a header read does not vouch for a decode; a decode vouches for a header
     assert check_images(root, samples, level="full", cache=record) == 6
@@ -44,11 +64,13 @@ def test_second_check_reads_only_changed_files(tmp_path):
     assert check_images(root, samples, level="full", cache=record) == 0
 
 
-def test_a_file_corrupted_after_its_check_is_found_again(tmp_path):
+def test_a_file_corrupted_after_its_check_is_found_again_when_its_folder_changed(tmp_path):
     samples = small_tree(tmp_path / "data")
     root, record = str(tmp_path / "data"), str(tmp_path / "record.txt")
     check_images(root, samples, level="full", cache=record)
-    (tmp_path / "data" / "cat" / "3.png").write_bytes(b"not a png at all")
+    time.sleep(0.05)
+    (tmp_path / "data" / "cat" / "3.tmp").write_bytes(b"not a png at all")
+    os.replace(tmp_path / "data" / "cat" / "3.tmp", tmp_path / "data" / "cat" / "3.png")
     with pytest.raises(UserError, match="3.png"):
         check_images(root, samples, level="full", cache=record)
 
@@ -60,7 +82,8 @@ def test_none_reads_nothing_and_a_bad_record_only_costs_a_recheck(tmp_path):
     assert check_images(root, samples, level="none") == 0
     os.remove(tmp_path / "data" / "cat" / "3.png")
     samples = [s for s in samples if s[0] != "cat/3.png"]
-    for garbage in (b"", b"\xff\xfe\x00 not text", check_cache.HEADER.encode() + b"\nh\tx\n\nf\t1\t2\n"):
+    for garbage in (b"", b"\xff\xfe\x00 not text", check_cache.HEADER.encode() + b"\nfolders 1\nh\tx\tcat\n",
+                    check_cache.HEADER.encode() + b"\nfolders 0\nnames h 3\ncat/0.png\n"):
         record = tmp_path / "bad.txt"
         record.write_bytes(garbage)
         assert check_images(root, samples, level="header", cache=str(record), write_cache=False) == 5
