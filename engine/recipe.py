@@ -117,9 +117,8 @@ def native_bf16(device):
 
 
 def resolve_amp(args, device):
-    """The autocast dtype for --amp on `device`, or None (float32) where the dtype would not run natively.
-
-    Each fallback says why in one line."""
+    """The autocast dtype for --amp on `device`, or None (float32): bfloat16 where it is native, else float16 on
+    GPUs (with the GradScaler setup_amp adds) and float32 on CPUs. Each fallback says why in one line."""
     if not args.amp:
         return None
     device = torch.device(device)
@@ -128,11 +127,12 @@ def resolve_amp(args, device):
         log.warning(f"--amp_dtype float16 needs CUDA, this runs on {device.type}; trying bfloat16 instead")
         dtype = torch.bfloat16
     if dtype == torch.bfloat16 and not native_bf16(device):
-        what = ("this GPU has no native bfloat16 (before Ampere); --amp_dtype float16 uses a GradScaler instead"
-                if device.type == "cuda" else
-                "this CPU has no bfloat16 arithmetic (AMX or AVX512-BF16), where autocast would emulate it several "
-                "times slower (benchmarks/amp_cpu.py measures it)")
-        log.warning(f"--amp: running in float32: {what}")
+        if device.type == "cuda":  # before Ampere: float16 is native there, and needs the GradScaler
+            log.warning("--amp: running float16 with a GradScaler: this GPU has no native bfloat16 (it would be "
+                        "emulated, slower than float32)")
+            return torch.float16
+        log.warning("--amp: running in float32: this CPU has no bfloat16 arithmetic (AMX or AVX512-BF16), where "
+                    "autocast would emulate it several times slower (benchmarks/amp_cpu.py measures it)")
         return None
     return dtype
 

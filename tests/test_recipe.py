@@ -1,5 +1,6 @@
 """The training-recipe switches: accumulation, clipping, AMP, EMA, early stopping, freezing, pretrained weights,
 compile fallback and determinism; unit level where possible, plus one real train.py run and one torchrun run."""
+import contextlib
 import json
 import logging
 import os
@@ -133,6 +134,20 @@ def test_amp_on_cpu_runs_bfloat16_only_where_it_is_native(monkeypatch, caplog, a
         assert native or "--amp: running in float32: this CPU has no bfloat16 arithmetic (AMX or AVX512-BF16)" \
             in fallback[0]
     assert recipe.setup_amp(Namespace(amp=False, amp_dtype="bfloat16"), torch.device("cpu")).dtype is None
+
+
+def test_amp_on_a_gpu_without_native_bfloat16_runs_float16(monkeypatch, caplog):
+    """V100/T4 report bfloat16 as supported when emulation counts: --amp must ask for native support only and fall
+    back to float16 (setup_amp adds its GradScaler) with one line."""
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ailab"):
+            dtype = recipe.resolve_amp(Namespace(amp=True, amp_dtype="bfloat16"), torch.device("cuda", 0))
+        assert dtype == (torch.bfloat16 if native else torch.float16)
+        assert ("--amp: running float16 with a GradScaler: this GPU has no native bfloat16" in caplog.text) != native
 
 
 def test_early_stopping_fires_at_the_right_epoch():
