@@ -7,12 +7,14 @@ import hashlib
 import json
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import torch
 from PIL import Image
 
+from core.distributed import barrier, is_local_main
 from data import check_cache
 from data.cls_transforms import to_tensor
 from data.unreadable import Unreadable
@@ -304,6 +306,25 @@ def check_images(root, samples, full=None, level=None, cache=None, write_cache=T
         raise UserError(f"image '{prefix + rel}' {why}{more}; expected every listed image to be a "
                         f"readable image file (fix or remove it)")
     return len(todo)
+
+
+def check_images_per_machine(root, samples, level, cache):
+    """check_images by local rank 0 of each machine, which writes the record, while the others wait and then check
+    against it (nothing left to read when it passed). A failure stops every process with the same line: the
+    others find the same files in their own check. Returns the line to log."""
+    start, failure, read = time.perf_counter(), None, 0
+    if is_local_main():
+        try:
+            read = check_images(root, samples, level=level, cache=cache)
+        except UserError as e:
+            failure = e
+    barrier()
+    if failure is not None:
+        raise failure
+    if not is_local_main():
+        check_images(root, samples, level=level, cache=cache, write_cache=False)
+    return (f"image check ({level}) of {len(samples)} images under {root}: {read} read, "
+            f"{len(samples) - read} unchanged since an earlier check; {time.perf_counter() - start:.1f} s")
 
 
 class ClassificationDataset(torch.utils.data.Dataset):

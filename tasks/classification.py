@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from core.distributed import barrier, gather_objects, is_local_main
+from core.distributed import barrier, gather_objects
 from core.registry import Registry, check_no_kwargs
 from data import check_cache, cls_transforms, digits, folder
 from data.mixing import MixCollate, MixedCriterion
@@ -21,6 +21,7 @@ from models import classifiers
 from models import weights as model_weights
 from models.losses import build_criterion
 from models.registry import MODELS, build_model
+from tasks.base import log
 from tasks.segmentation import denormalize
 from utils import UserError, write_atomic
 
@@ -347,10 +348,10 @@ def build_folder_dataset(args, root, samples, classes, train):
     before, unchanged, is not read again); an image unreadable later is skipped by the loader."""
     if not samples:
         raise UserError(f"a split of {root} has no images; expected at least one per split")
-    cache_dir = getattr(args, "data_cache", None)
-    folder.check_images(root, samples, level=getattr(args, "image_check", "header"),
-                        cache=check_cache.cache_file(cache_dir, root) if cache_dir else None,
-                        write_cache=is_local_main())
+    cache_dir, level = getattr(args, "data_cache", None), getattr(args, "image_check", "header")
+    if level != "none":
+        log.info(folder.check_images_per_machine(root, samples, level,
+                                                 check_cache.cache_file(cache_dir, root) if cache_dir else None))
     transform = train_transform(args) if train else eval_transform(args)
     return folder.ClassificationDataset(root, samples, classes, transform, skip_unreadable=True)
 

@@ -148,3 +148,23 @@ def test_two_processes_log_their_own_skips_and_count_them_together(tmp_path):
     assert "skipped 3 unreadable images" in proc.stdout
     for path in broken:  # rank 0 logs to stdout, rank 1 its warnings to stderr
         assert f"skipped image '{path}' (cannot be decoded)" in proc.stdout + proc.stderr
+
+
+def test_one_process_per_machine_reads_the_images_and_a_restart_reads_none(tmp_path):
+    """Three processes, an empty record: local rank 0 reads every header while the others wait, then they check
+    against its record; the same command again reads nothing."""
+    root = tmp_path / "data"
+    make_tree(root / "train")
+    make_tree(root / "val", per_class=2)
+    reads = tmp_path / "reads.txt"
+    env = {"AILAB_CHECK_LOG": str(reads)}
+    command = ["train.py", *CLS_TINY, "--plugin", os.path.join("tests", "count_checks_plugin.py"),
+               "--dataset_path", str(root), "--limit_batches", "1"]
+    proc = torchrun(3, [*command, "--logdir", str(tmp_path / "run1")], tmp_path=tmp_path, env=env)
+    lines = reads.read_text().splitlines()
+    total = len(os.listdir(root / "train" / "circle")) * 4 + len(os.listdir(root / "val" / "circle")) * 4
+    assert len(lines) == total and {line.split()[0] for line in lines} == {"0"}, lines
+    assert f"image check (header) of {total - 8} images under {root}: {total - 8} read, 0 unchanged" in proc.stdout
+    proc = torchrun(3, [*command, "--logdir", str(tmp_path / "run2")], tmp_path=tmp_path, env=env)
+    assert len(reads.read_text().splitlines()) == total
+    assert f"image check (header) of {total - 8} images under {root}: 0 read, {total - 8} unchanged" in proc.stdout
