@@ -109,25 +109,43 @@ def launcher_env(args):
     return None
 
 
-def pick_device(spec, local_rank, local_world_size, distributed):
-    """The compute device for this process from --device: auto, cpu, cuda (= cuda:LOCAL_RANK) or cuda:N."""
+def gpu_index(local_rank, visible, distributed):
+    """The GPU of this process among the `visible` ones: LOCAL_RANK when that many are visible, 0 when exactly one is
+    (SLURM's --gpus-per-task, Kubernetes: one GPU per process), else UserError, never two ranks on one GPU by
+    wrapping around."""
+    if not distributed:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UserError(f"LOCAL_RANK {local_rank} has no GPU of its own: {visible} GPU(s) are visible to it "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); expected at least "
+                    f"LOCAL_RANK+1 = {local_rank + 1} visible GPUs, or exactly one per process")
+
+
+def pick_device(spec, local_rank, local_world_size, distributed, visible=None):
+    """The compute device for this process from --device: auto, cpu, cuda (each process its own GPU, gpu_index) or
+    cuda:N. `visible`: the number of visible GPUs (default: torch's count)."""
+    visible = torch.cuda.device_count() if visible is None else visible
     if spec == "auto":
-        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", gpu_index(local_rank, visible, distributed)) if visible else torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError as e:
         raise UserError(f"--device {spec}: {first_line(e)}; expected auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda":
-        if device.index is not None and distributed and (local_world_size or 1) > 1:
+        if device.index is not None and distributed and (local_world_size or 1) > 1 and visible > 1:
             raise UserError(f"--device {spec} names one GPU, but {local_world_size} processes run on this node and "
                             f"would all use it; expected --device cuda (each process takes cuda:LOCAL_RANK)")
-        if not torch.cuda.is_available():
+        if not visible:
             raise UserError(f"--device {spec} was asked for, but no CUDA GPU is visible")
-        if device.index is None:  # under a launcher, each process takes the GPU of its local rank
-            device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device resolves to {device}, but only {torch.cuda.device_count()} GPU(s) are "
-                            f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+        if device.index is None:
+            device = torch.device("cuda", gpu_index(local_rank, visible, distributed) if distributed
+                                  else torch.cuda.current_device())
+        if device.index >= visible:
+            raise UserError(f"--device resolves to {device}, but only {visible} GPU(s) are visible "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
                             f"expected one process per GPU")
     return device
 

@@ -104,10 +104,29 @@ def test_device_rules():
     assert distributed.comm_device("gloo", torch.device("cpu")) == torch.device("cpu")
     assert distributed.pick_device("cpu", 1, 2, True) == torch.device("cpu")
     with pytest.raises(UserError, match="--device cuda:0 names one GPU, but 2 processes run on this node"):
-        distributed.pick_device("cuda:0", 1, 2, True)
+        distributed.pick_device("cuda:0", 1, 2, True, visible=2)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU is visible"):
             distributed.pick_device("cuda", 0, 1, True)
+
+
+@pytest.mark.parametrize("spec", ["auto", "cuda"])
+def test_each_process_gets_a_gpu_of_its_own(spec, monkeypatch):
+    """LOCAL_RANK when that many GPUs are visible; cuda:0 when exactly one is (one GPU per task); otherwise an error
+    naming LOCAL_RANK, the count and CUDA_VISIBLE_DEVICES, never two ranks on one GPU."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    for local_rank, visible, expected in [(0, 8, 0), (3, 8, 3), (7, 8, 7), (0, 1, 0), (1, 1, 0), (5, 1, 0)]:
+        assert distributed.pick_device(spec, local_rank, 8, True, visible=visible) == torch.device("cuda", expected)
+    with pytest.raises(UserError) as e:
+        distributed.pick_device(spec, 2, 4, True, visible=2)
+    assert str(e.value) == ("LOCAL_RANK 2 has no GPU of its own: 2 GPU(s) are visible to it (CUDA_VISIBLE_DEVICES=0,1)"
+                            "; expected at least LOCAL_RANK+1 = 3 visible GPUs, or exactly one per process")
+    if spec == "auto":
+        assert distributed.pick_device(spec, 3, 4, True, visible=0) == torch.device("cpu")
+    # one visible GPU per task: cuda:0 is each process's own, even with several processes on the node
+    assert distributed.pick_device("cuda:0", 3, 4, True, visible=1) == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="--device cuda:0 names one GPU, but 4 processes run on this node"):
+        distributed.pick_device("cuda:0", 3, 4, True, visible=2)
 
 
 LAUNCHER_KEYS = [key for _, *keys in distributed.LAUNCHER_ENV for key in keys]
