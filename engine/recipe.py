@@ -197,7 +197,11 @@ class CompileFallback(nn.Module):
         if not self.failed:
             try:
                 return self.compiled(*args, **kwargs)
-            except Exception as e:  # torch._dynamo raises many types (BackendCompilerFailed, ...)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                # Tracing and compiling (a first call, or a recompile for a new input shape) fail before the frame
+                # runs, so running it eagerly repeats nothing, DDP's pre-forward work included. Anything else (a
+                # CUDA out-of-memory, a bad input) propagates: re-running would put this rank's collectives out of
+                # step with the others'.
                 self.failed = True
                 log.warning(f"--compile: torch.compile failed ({first_line(e)[:200]}); training continues in eager mode")
         return self.eager(*args, **kwargs)

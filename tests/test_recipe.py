@@ -198,6 +198,23 @@ def test_compile_failure_falls_back_to_eager(caplog):
     assert list(wrapped.state_dict()) == ["eager." + k for k in model.state_dict()]
 
 
+def test_compile_fallback_lets_other_errors_through():
+    """Only torch.compile's own errors fall back; an out-of-memory on a later call propagates (running the forward
+    again on one rank would put its DDP collectives out of step)."""
+    model = tiny_net()
+    wrapped = recipe.CompileFallback(model, backend="eager")
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(wrapped(x), model(x))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    object.__setattr__(wrapped, "compiled", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        wrapped(x)
+    assert not wrapped.failed
+
+
 def test_freeze_matches_globs_and_rejects_unknown_patterns():
     model = build_model(Namespace(model_type="deeplabv3p", layers=18, numclasses=5, output_stride=16,
                                   head_channels=16))
