@@ -258,12 +258,12 @@ def main(args):
     gpu_monitor = GpuMonitor(args, ctx)
     utils.seed_everything(args.seed + ctx.rank)  # augmentation is seeded per sample; this is for the rest
     if ckpt is not None and exact and len(ckpt.get("rng", [])) == ctx.world_size:
-        checkpoint.set_rng_state(ckpt["rng"][ctx.rank])
+        checkpoint.set_rng_state(ckpt["rng"][ctx.rank], ctx.device)
     guard = faults.Guard(args, nan_skips)
 
     def save(names, epoch, batch, step, done_epoch, val=None):
         """Every rank gathers its RNG state; rank 0 writes the training state to each name in --logdir."""
-        rng = checkpoint.gather_rng_states()
+        rng = checkpoint.gather_rng_states(ctx.device)
         state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": done_epoch, "resume_at": {"epoch": epoch, "batch": batch, "step": step},
                  "best_score": best_score, "best_metric": best_name, "best_epoch": best_epoch, "val": val, "args": vars(args),

@@ -52,26 +52,32 @@ def add_checkpoint_args(group):
 # Random-generator state, as plain values that torch.load(weights_only=True) accepts
 # ----------------------------------------------------------------------------------------------
 
-def rng_state():
+def rng_state(device):
+    """This process's generator states: Python, numpy, torch's CPU generator and, on a GPU, that GPU's only."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
+    """Restore rng_state(device)'s states; the CUDA one goes to this process's GPU."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # saved before: every visible GPU's state; this process used the one it runs on
+        cuda = cuda[device.index] if device.type == "cuda" and device.index is not None and device.index < len(cuda) \
+            else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
-def gather_rng_states():
+def gather_rng_states(device):
     """Every rank's generator states in rank order on rank 0 (None elsewhere); a collective call."""
-    return gather_objects(rng_state())
+    return gather_objects(rng_state(device))
 
 
 # ----------------------------------------------------------------------------------------------

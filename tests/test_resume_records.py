@@ -84,3 +84,23 @@ def test_a_stuck_rank_ends_the_job_with_one_line_naming_the_collective(tmp_path,
     # the update's all-reduce: the loss, its one term and the stop flag
     assert "all_reduce of a (3,) float32 tensor across 2 processes failed on rank 0" in errors[0]
     assert "--dist_timeout" in errors[0]
+
+
+def test_generator_states_round_trip_and_keep_only_this_processs_gpu(tmp_path):
+    """A checkpoint holds each rank's Python, numpy and torch generators and, on a GPU, that GPU's own state (not
+    every visible GPU's); a state saved with the list of every GPU's still loads."""
+    import random
+
+    import numpy as np
+
+    from engine import checkpoint
+    cpu = torch.device("cpu")
+    state = checkpoint.rng_state(cpu)
+    assert state["cuda"] is None
+    torch.save(state, tmp_path / "rng.pth")
+    state = torch.load(tmp_path / "rng.pth", weights_only=True)
+    drawn = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    checkpoint.set_rng_state(state, cpu)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == drawn
+    checkpoint.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}, cpu)  # older checkpoints
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == drawn
