@@ -7,7 +7,7 @@
 #   MAX_RESTARTS=3 bash train_torchrun.sh --recovery_interval 200        # survive worker failures
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"  # images with only python3
 GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
 if [ "$GPUS" -gt 0 ]; then DEFAULT_NPROC="$GPUS"; else DEFAULT_NPROC=2; fi
 NPROC_PER_NODE="${NPROC_PER_NODE:-$DEFAULT_NPROC}"

@@ -41,3 +41,15 @@ def test_help_groups_the_flags():
     for flag in ("--layers", "--model_type", "--dataset_path", "--numclasses", "--batchsize", "--epochs", "--lr",
                  "--workers", "--logdir", "--distributed", "--world_size", "--dist_url", "--resume", "--lr_scaling"):
         assert flag in out
+
+
+def test_the_launcher_finds_python3_where_there_is_no_python(tmp_path):
+    """Many images have only `python3`: without PYTHON set, train_torchrun.sh uses it."""
+    import sys
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/bin", "PYTHON": "", "NPROC_PER_NODE": "1"}  # empty: the script's default
+    proc = run(["bash", "train_torchrun.sh", "--help"], env=env, check=False)
+    assert proc.returncode == 0 and "usage: train.py" in proc.stdout, proc.stdout + proc.stderr

@@ -10,7 +10,7 @@
 #   GPU_CHECK_DEVICE=cpu bash tools/gpu_check.sh         # the same rows on the CPU (GPU-only rows SKIP): tests the script
 #
 # Settings (environment variables, defaults in brackets):
-#   PYTHON           interpreter with the suite's requirements [.venv/bin/python if present, else python]
+#   PYTHON           interpreter with the suite's requirements [.venv/bin/python if present, else python or python3]
 #   OUT              results folder: gpu_check.md, <row>.log, runs/<row>/ [/tmp/ailab-gpu-check]
 #   STEPS            --limit_batches (training and validation batches) per training row [20]
 #   COMPILE_STEPS    --limit_batches of the --compile row [10]
@@ -35,7 +35,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 cd "$ROOT"
 if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"
+    else PYTHON="$(command -v python || command -v python3 || echo python)"; fi
 fi
 export PYTHON
 exec "$PYTHON" "$HERE/gpu_check.py" "$@"
