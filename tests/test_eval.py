@@ -4,6 +4,7 @@ import os
 import shutil
 
 import numpy as np
+import torch
 from PIL import Image
 
 from conftest import run, torchrun
@@ -123,3 +124,34 @@ def test_validation_batches_of_one_image_size_score_like_single_images(tiny_data
     changed = (single - batched).abs().sum().item() / 2  # pixels whose predicted class differs
     assert changed <= 1e-4 * single.sum().item(), (changed, single, batched)
     assert len(single.nonzero()) > 5  # a model whose predictions vary, so the comparison means something
+
+
+def test_evaluation_turns_cudnn_autotuning_off_for_images_of_many_sizes():
+    """cudnn.benchmark autotunes every convolution anew for each input size: once a second size shows up it goes off
+    until evaluation ends, then comes back as it was. The images handed to on_prediction are the loader's own (no
+    copy back from the device)."""
+    from torch import nn
+
+    from evaluation.evaluate import evaluate
+    from evaluation.metrics import ClassificationMetrics
+
+    class Loader(list):
+        sampler = range(4)
+
+    loader = Loader((torch.rand(1, 3, *size), torch.zeros(1, dtype=torch.long))
+                    for size in [(8, 8), (8, 8), (6, 9), (8, 8)])
+    seen, handed = [], []
+
+    def predict(model, image):
+        seen.append(torch.backends.cudnn.benchmark)
+        return torch.full((image.shape[0], 2), 0.5)
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        evaluate(nn.Identity(), loader, ClassificationMetrics(2, "cpu", 1), predict,
+                 on_prediction=lambda index, probs, image: handed.append(image))
+        assert seen == [True, True, False, False] and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
+    assert [im.data_ptr() for im in handed] == [image[0].data_ptr() for image, _ in loader]
