@@ -72,7 +72,7 @@ class Guard:
         only when every loss in it is, so `dropped` is True when some rank's loss was not finite and --nan_policy
         skip allows dropping the group (its batch-norm statistics are then rolled back); raises Stop when the run
         must end instead. A stop signal on any rank is remembered in `stop_pending` for after the update."""
-        flag = torch.tensor([0.0 if self.signal is None else 1.0], device=sums.device)
+        flag = sums.new_full((1,), 0.0 if self.signal is None else 1.0)  # a fill on the device: no host copy to wait on
         values = all_reduce_sum(torch.cat([sums.detach(), flag])).tolist()
         self.stop_pending = self.stop_pending or values[-1] > 0
         count = batches * world_size

@@ -147,7 +147,7 @@ def train_one_epoch(run, loader, epoch, step, first_batch=0):
                 log_step(run, progress, bar, epoch, i + 1, n, step, value, term_values, lr)
     bar.close()
     # One collective per epoch: the images skipped on all ranks (each rank logged its own as it met them).
-    skipped = int(all_reduce_sum(torch.tensor([float(progress.skipped)], device=ctx.device)).item())
+    skipped = int(all_reduce_sum(torch.full((1,), float(progress.skipped), device=ctx.device)).tolist()[0])
     return {**progress.summary(terms, run.lr_fn(step - 1)), "skipped_images": skipped}, step
 
 

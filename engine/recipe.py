@@ -5,6 +5,7 @@ Each is a flag that a config file can set; train.py applies them in this order:
 build -> pretrained weights -> freeze -> SyncBN -> channels-last -> EMA copy -> DDP -> compile.
 """
 import contextlib
+import copy
 import fnmatch
 import logging
 import os
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from utils import UserError, first_line
 
@@ -207,16 +207,42 @@ class CompileFallback(nn.Module):
         return self.eager(*args, **kwargs)
 
 
+class Ema(nn.Module):
+    """An exponential moving average of a model's weights and buffers (batch-norm statistics), kept in `module`.
+
+    After each update: one fused lerp of the floating-point tensors towards the model's, one fused copy of the
+    integer ones (batch norm's num_batches_tracked). The first update copies, as torch's AveragedModel does; which
+    update is the first is a Python flag, not a counter tensor, so an update never waits for the device."""
+
+    def __init__(self, model, decay):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.fresh = decay, True
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
+        floats = [(e, m.detach()) for e, m in pairs if e.is_floating_point()]
+        others = [(e, m.detach()) for e, m in pairs if not e.is_floating_point()]
+        if floats:
+            ema, current = map(list, zip(*floats))
+            if self.fresh:
+                torch._foreach_copy_(ema, current)
+            else:
+                torch._foreach_lerp_(ema, current, 1.0 - self.decay)
+        if others:
+            torch._foreach_copy_(*map(list, zip(*others)))
+        self.fresh = False
+
+
 def build_ema(model, decay):
-    """An exponential moving average of parameters and buffers (BN statistics), updated after each step."""
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema.requires_grad_(False)
-    return ema.eval()
+    """An Ema of `model` (on its device), updated after each optimizer step."""
+    return Ema(model, decay)
 
 
 def load_ema(ema, state):
     ema.module.load_state_dict(state)
-    ema.n_averaged.fill_(1)  # not a fresh average: the next update blends instead of copying
+    ema.fresh = False  # not a fresh average: the next update blends instead of copying
 
 
 def ema_state(ema):

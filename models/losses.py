@@ -22,13 +22,22 @@ DICE_SMOOTH = 1.0
 
 
 def labelled_pixels(logits, target):
-    """(P, C) float32 scores and (P,) labels of the P pixels that are not IGNORE_INDEX.
+    """(P, C) float32 scores, (P,) labels and (P,) float mask of the labelled pixels (not IGNORE_INDEX) among all P.
 
-    Indexing (rather than multiplying by a mask) means ignored pixels take no part in the arithmetic at all,
-    so their gradient is exactly zero even where their scores are extreme.
+    Ignored pixels get label 0 and mask 0; each loss multiplies by the mask, so they add nothing and get exactly
+    zero gradient. A mask, not boolean indexing: indexing needs the count of kept pixels on the host, which on a
+    GPU waits for the device at every step.
     """
+    scores = logits.movedim(1, -1).reshape(-1, logits.shape[1]).float()
+    target = target.reshape(-1)
     keep = target != IGNORE_INDEX
-    return logits.movedim(1, -1)[keep].float(), target[keep]
+    return scores, torch.where(keep, target, 0), keep.to(scores.dtype)
+
+
+def one_hot(labels, classes, dtype):
+    """(P, classes) one-hot rows of `labels` in `dtype`. F.one_hot checks the labels' range with a read on the host
+    (on the CPU); a comparison with arange needs none."""
+    return (labels[:, None] == torch.arange(classes, device=labels.device)).to(dtype)
 
 
 def mean_over_present(per_class, counts):
@@ -46,24 +55,38 @@ def build_cross_entropy(args):
         raise UserError(f"--label_smoothing {smoothing!r}: expected a number in [0, 1)")
     if weights is not None and (min(weights) < 0 or not all(map(math.isfinite, weights)) or sum(weights) <= 0):
         raise UserError(f"--class_weights {' '.join(map(str, weights))}: expected finite weights >= 0, not all 0")
-    if not smoothing and weights is None:
-        return cross_entropy
-    return functools.partial(cross_entropy, label_smoothing=smoothing,
-                             weight=None if weights is None else torch.tensor(weights, dtype=torch.float32))
+    if weights is not None:
+        return WeightedCrossEntropy(weights, smoothing)
+    return functools.partial(cross_entropy, label_smoothing=smoothing) if smoothing else cross_entropy
+
+
+class WeightedCrossEntropy(nn.Module):
+    """cross_entropy with --class_weights, kept as a buffer so that moving the criterion to the device moves them
+    once, instead of a copy to the device at every step."""
+
+    def __init__(self, weights, label_smoothing=0.0):
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(weights, dtype=torch.float32))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits, target):
+        return cross_entropy(logits, target, self.label_smoothing, self.weight)
 
 
 def cross_entropy(logits, target, label_smoothing=0.0, weight=None):
     """Mean cross-entropy over labelled pixels (or samples); 0 (not NaN) for a batch that is all ignore.
 
     With class weights the mean is over the weights of the labelled targets, as torch's "mean" reduction does.
+    The count stays on the device (no boolean indexing, no Python max of a tensor), so a step does not wait for it.
     """
     if weight is not None:
-        weight = weight.to(logits.device)
+        weight = weight.to(logits.device)  # already there when the criterion was moved (WeightedCrossEntropy)
     total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum",
                             label_smoothing=label_smoothing)
-    labelled = target[target != IGNORE_INDEX]
-    count = labelled.numel() if weight is None else weight[labelled].sum()
-    return total / max(count, 1e-12) if weight is not None else total / max(count, 1)
+    keep = target != IGNORE_INDEX
+    if weight is None:
+        return total / keep.sum().clamp(min=1)
+    return total / (weight[torch.where(keep, target, 0)] * keep).sum().clamp(min=1e-12)
 
 
 @register_loss("bce")
@@ -73,9 +96,10 @@ def build_binary_cross_entropy(args):
 
 def binary_cross_entropy(logits, target):
     """One-vs-rest: a sigmoid per class against the one-hot label, averaged over labelled pixels and classes."""
-    scores, labels = labelled_pixels(logits, target)
-    onehot = F.one_hot(labels, scores.shape[1]).to(scores.dtype)
-    return F.binary_cross_entropy_with_logits(scores, onehot, reduction="sum") / max(scores.numel(), 1)
+    scores, labels, keep = labelled_pixels(logits, target)
+    onehot = one_hot(labels, scores.shape[1], scores.dtype)
+    per_pixel = F.binary_cross_entropy_with_logits(scores, onehot, reduction="none").sum(1)
+    return (per_pixel * keep).sum() / (keep.sum() * scores.shape[1]).clamp(min=1)
 
 
 @register_loss("dice")
@@ -86,9 +110,9 @@ def build_dice(args):
 def dice(logits, target, smooth=DICE_SMOOTH):
     """Soft Dice loss on softmax probabilities, 1 - (2|P∩G| + s) / (|P| + |G| + s) per class over the whole batch,
     averaged over the classes present in the labels (an absent class would score a perfect 0 and dilute it)."""
-    scores, labels = labelled_pixels(logits, target)
-    probs = scores.softmax(1)
-    onehot = F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    scores, labels, keep = labelled_pixels(logits, target)
+    probs = scores.softmax(1) * keep[:, None]
+    onehot = one_hot(labels, probs.shape[1], probs.dtype) * keep[:, None]
     overlap = (probs * onehot).sum(0)
     sizes = probs.sum(0) + onehot.sum(0)
     return mean_over_present(1 - (2 * overlap + smooth) / (sizes + smooth), onehot.sum(0))
@@ -104,12 +128,12 @@ def build_focal(args):
 
 def focal(logits, target, gamma=FOCAL_GAMMA):
     """Multi-class focal loss -(1 - p_t)^gamma log p_t, averaged over labelled pixels."""
-    scores, labels = labelled_pixels(logits, target)
+    scores, labels, keep = labelled_pixels(logits, target)
     log_pt = scores.log_softmax(1).gather(1, labels[:, None]).squeeze(1)
     # For gamma < 1 the derivative of (1 - p)^gamma is infinite at p = 1, which a confident pixel reaches in
     # float32, and 0 x inf is NaN. Clamping just above 0 changes the value by less than 1e-12^gamma x |log p|.
     weight = (1 - log_pt.exp()).clamp(min=1e-12).pow(gamma)
-    return -(weight * log_pt).sum() / max(labels.numel(), 1)
+    return -(weight * log_pt * keep).sum() / keep.sum().clamp(min=1)
 
 
 @register_loss("lovasz")
@@ -120,10 +144,11 @@ def build_lovasz(args):
 def lovasz_softmax(logits, target):
     """Lovász-softmax (Berman et al., 2018): the Lovász extension of the per-class Jaccard loss, evaluated at the
     per-pixel errors |1[y = c] - p_c| over the whole batch, averaged over the classes present in the labels."""
-    scores, labels = labelled_pixels(logits, target)
+    scores, labels, keep = labelled_pixels(logits, target)
     probs = scores.softmax(1)
-    fg = F.one_hot(labels, probs.shape[1]).to(probs.dtype)
-    errors, order = (fg - probs).abs().sort(0, descending=True)
+    fg = one_hot(labels, probs.shape[1], probs.dtype) * keep[:, None]
+    # An ignored pixel's error is 0: it sorts after every mistake and, weighted by its error, adds nothing.
+    errors, order = ((fg - probs).abs() * keep[:, None]).sort(0, descending=True)
     fg = fg.gather(0, order)
     # Add the pixels to the set of mistakes in order of decreasing error; each one's weight is how much the
     # Jaccard loss 1 - |fg minus mistakes| / |fg or mistakes| grows when it joins. Ties may fall in any order:

@@ -75,8 +75,9 @@ def _check_shape(what, logits, target):
 def partial_ce(logits, scribble):
     """Mean cross-entropy over the scribble pixels only; 0 when there are none."""
     _check_shape("scribble label", logits, scribble)
-    scores, labels = losses.labelled_pixels(logits, scribble)
-    return F.cross_entropy(scores, labels.long(), reduction="sum") / max(labels.numel(), 1)
+    scores, labels, keep = losses.labelled_pixels(logits, scribble)
+    per_pixel = F.cross_entropy(scores, labels.long(), reduction="none")
+    return (per_pixel * keep).sum() / keep.sum().clamp(min=1)
 
 
 def pseudo_ce(logits, pseudo, label_smooth=DEFAULT_LABEL_SMOOTH):
@@ -86,9 +87,9 @@ def pseudo_ce(logits, pseudo, label_smooth=DEFAULT_LABEL_SMOOTH):
     (1 - e) (-log p_y) + e mean_c(-log p_c).
     """
     _check_shape("pseudo label", logits, pseudo)
-    scores, labels = losses.labelled_pixels(logits, pseudo)
-    return F.cross_entropy(scores, labels.long(), reduction="sum", label_smoothing=label_smooth) \
-        / max(labels.numel(), 1)
+    scores, labels, keep = losses.labelled_pixels(logits, pseudo)
+    per_pixel = F.cross_entropy(scores, labels.long(), reduction="none", label_smoothing=label_smooth)
+    return (per_pixel * keep).sum() / keep.sum().clamp(min=1)
 
 
 def weighted_entropy(logits, dist_map, norm="weight"):

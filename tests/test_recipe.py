@@ -9,6 +9,7 @@ from argparse import Namespace
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from core import distributed
 from engine import loop as engine
@@ -182,6 +183,28 @@ def test_ema_follows_the_weights_slowly():
     torch.testing.assert_close(ema.module[0].weight, start + 1.5)  # halfway with decay 0.5
     state = recipe.ema_state(ema)
     assert set(state) == set(model.state_dict())  # loadable as the model itself
+
+
+def test_ema_equals_torchs_averaged_model_and_keeps_no_counter_tensor():
+    """The fused EMA gives torch's AveragedModel (EMA of parameters and buffers) to 1e-6 over a few updates of a model
+    with batch norm, and holds no tensor besides the model's (AveragedModel's n_averaged is a tensor that each update
+    reads)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    ours = recipe.build_ema(model, 0.9)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(4):
+        model(torch.randn(2, 3, 8, 8)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ours.update_parameters(model)
+        reference.update_parameters(model)
+    for (name, mine), theirs in zip(ours.module.state_dict().items(), reference.module.state_dict().values()):
+        if mine.is_floating_point():
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6, msg=name)
+    assert set(ours.state_dict()) == {f"module.{k}" for k in model.state_dict()}
 
 
 def test_compile_failure_falls_back_to_eager(caplog):
