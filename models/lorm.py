@@ -57,9 +57,10 @@ class LoRM(nn.Module):
       shared 1x1 projections keep it from getting there quickly, but keep the loss weight modest.
     - A batch without foreground gives exactly 0.0, and every parameter still enters the graph (times 0), so that
       DistributedDataParallel with find_unused_parameters=False works on such a batch.
-    - Attention is computed per image over its foreground positions only: at most (h*w)^2 scores per image
-      (52 MB at 60x60 features in fp32), through scaled_dot_product_attention, which uses a fused kernel where the
-      device has one for these shapes.
+    - Attention runs over every position with a mask that lets each query see only its image's foreground keys:
+      (h*w)^2 scores per image (52 MB at 60x60 features in fp32), through scaled_dot_product_attention, which uses
+      a fused kernel where the device has one for these shapes. Gathering each image's foreground positions
+      instead would need their count on the host, which on a GPU waits for the device once per image.
     """
 
     def __init__(self, in_channels: int, reduction: int = 8, min_dim: int = 16, ignore_index: int = IGNORE_INDEX):
@@ -81,25 +82,20 @@ class LoRM(nn.Module):
             raise UserError(f"LoRM got pseudo labels of shape {tuple(pseudo.shape)}; "
                             f"expected (N, H, W) with N = {features.shape[0]}")
         fg = foreground_mask(pseudo.to(features.device), features.shape[-2:], self.ignore_index).flatten(1)
-        q = self.query(features).flatten(2)  # (N, d, h*w)
-        k = self.key(features).flatten(2)
-        f = features.flatten(2)  # (N, C, h*w)
+        q = self.query(features).flatten(2).transpose(1, 2)  # (N, h*w, d)
+        k = self.key(features).flatten(2).transpose(1, 2)
+        f = features.flatten(2).transpose(1, 2)  # (N, h*w, C)
+        # Every query attends to its image's foreground keys (an image without foreground to all keys, so that no
+        # row is all masked and NaN; its queries are left out of the loss below). A mask, not a gather of each
+        # image's foreground positions: the gather needs their count on the host, a wait for the device per image.
+        keys = fg[:, None, :] | ~fg.any(1)[:, None, None]  # (N, 1, h*w), True = attended to
+        # Default scale 1/sqrt(d). Under autocast q and k may be half precision while the features are not.
+        aggregate = F.scaled_dot_product_attention(q, k, f.detach().to(q.dtype), attn_mask=keys).to(f.dtype)
+        per_position = (1.0 - F.cosine_similarity(f, aggregate, dim=2)) * fg  # background queries count 0
         # 0 x (every parameter): the loss is exactly 0 without foreground, yet DDP sees all parameters used.
         # Adding it to a +0.0 turns the -0.0 that 0 x (a negative sum) gives into the 0.0 a log should show.
-        total = features.new_zeros(()) + sum(p.sum() for p in self.parameters()) * 0.0
-        count = 0
-        for n in range(features.shape[0]):
-            idx = fg[n].nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            feats = f[n][:, idx].t()  # (P, C)
-            # Default scale 1/sqrt(d). Under autocast q and k may be half precision while the features are not.
-            aggregate = F.scaled_dot_product_attention(
-                q[n][:, idx].t()[None], k[n][:, idx].t()[None], feats.detach().to(q.dtype)[None])[0]
-            aggregate = aggregate.to(feats.dtype)
-            total = total + (1.0 - F.cosine_similarity(feats, aggregate, dim=1)).sum()
-            count += idx.numel()
-        return total / max(count, 1)
+        total = features.new_zeros(()) + sum(p.sum() for p in self.parameters()) * 0.0 + per_position.sum()
+        return total / fg.sum().clamp(min=1)
 
 
 class PaperLoRM(nn.Module):

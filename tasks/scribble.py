@@ -96,14 +96,13 @@ def weighted_entropy(logits, dist_map, norm="weight"):
     """sum_p w(p) H(softmax(logits(p))) / Z, w = dist_map / 255; 0 when every weight is 0.
 
     Z is sum_p w(p) with norm "weight" (a weighted mean of the entropy), or, with norm "paper" as the method's
-    code divides, the number of pixels whose w(p) H(p) is not 0 (at least 1). Pixels of weight 0 are indexed
-    out, so they take no part in the arithmetic and get exactly zero gradient.
+    code divides, the number of pixels whose w(p) H(p) is not 0 (at least 1). Pixels of weight 0 are multiplied
+    by 0 (not indexed out, which would make a GPU wait for the count), so they add nothing and get exactly zero
+    gradient.
     """
     _check_shape("distance map", logits, dist_map)
     weight = dist_map.to(device=logits.device, dtype=torch.float32) / 255.0
-    keep = weight > 0
-    weight = weight[keep]
-    log_p = logits.movedim(1, -1)[keep].float().log_softmax(1)
+    log_p = logits.float().log_softmax(1)
     entropy = -(log_p.exp() * log_p).sum(1)
     weighted = weight * entropy
     if norm == "paper":

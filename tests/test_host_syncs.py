@@ -46,6 +46,12 @@ def batches(task, n, size, classes, generator):
     for _ in range(n):
         target = torch.randint(0, classes, (2, size, size), generator=generator)
         target[:, :4] = 255  # ignored pixels, as crops padded at the border have
+        if task == "scribble":  # scribbles (mostly unlabelled), pseudo labels and both distance maps
+            scribble = torch.full_like(target, 255)
+            scribble[:, size // 2] = target[:, size // 2]
+            target = {"scribble": scribble, "pseudo": target,
+                      "dist_s": torch.randint(0, 256, (2, size, size), generator=generator, dtype=torch.uint8),
+                      "dist_c": torch.randint(0, 256, (2, size, size), generator=generator, dtype=torch.uint8)}
         out.append((torch.randn(2, 3, size, size, generator=generator), target))
     return out
 
@@ -55,7 +61,8 @@ def batches(task, n, size, classes, generator):
     ["--task", "classification", "--model_type", "resnet18", "--image_size", "32", "--numclasses", "3",
      "--class_weights", "1", "2", "0.5"],
     ["--loss", "ce", "focal:0.5", "lovasz:0.5", "bce:0.2"],
-], ids=["segmentation", "classification-class-weights", "segmentation-other-losses"])
+    ["--model_type", "deeplabv3p_lorm", "--dataset", "ScribblePseudoDsDc", "--l_lorm", "0.1"],
+], ids=["segmentation", "classification-class-weights", "segmentation-other-losses", "scribble-lorm"])
 def test_training_steps_call_no_op_that_waits_for_the_device(tmp_path, flags):
     args = config.parse_args(train.get_args_parser(), [*flags, "--ema_decay", "0.9", "--log_interval", "1000",
                                                        "--no_progress", "--epochs", "1", "--logdir", str(tmp_path)],
@@ -72,7 +79,8 @@ def test_training_steps_call_no_op_that_waits_for_the_device(tmp_path, flags):
     recorder = Recorder(args, ctx, "")
     run = engine.Run(model, criterion, optimizer, recipe.Amp(), faults.Guard(args, handle_signals=False), recorder,
                      ctx, args, lambda step: args.lr, on_update=lambda step, done: ema.update_parameters(model))
-    data = batches(args.task, 4, 32, args.numclasses, torch.Generator().manual_seed(0))
+    kind = "scribble" if args.dataset.startswith("Scribble") else args.task
+    data = batches(kind, 4, 32, args.numclasses, torch.Generator().manual_seed(0))
     engine.train_one_epoch(run, data[:1], 0, 0)  # warm-up: first-call set-up is not the step
     with SyncOps() as ops:
         engine.train_one_epoch(run, data[1:], 0, 1)
