@@ -149,6 +149,7 @@ def main(args):
     # A checkpoint to resume is read and checked before anything is written, so a bad one changes nothing.
     # Its settings are already this run's defaults (checkpoint.saved_settings, at parse time).
     resume_path, ckpt = checkpoint.find_resume(args.resume, args.logdir)
+    checkpoint.agree_on_resume(args.resume, resume_path, ckpt)  # a machine without the checkpoint stops all
     changed = checkpoint.check_settings(ckpt, args, resume_path) if ckpt is not None else []
     recipe.check_recipe_args(args)
     checkpoint.check_save_args(args)

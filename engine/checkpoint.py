@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from core.config import NOT_SAVED
-from core.distributed import broadcast_object, gather_objects
+from core.distributed import all_reduce_sum, broadcast_object, gather_objects
 from utils import UserError, check_compatible, link_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("ailab")
@@ -180,6 +180,23 @@ def find_resume(resume, logdir):
     if not found:
         return None, None
     return max(found, key=lambda item: resume_position(item[1])[:2])
+
+
+def agree_on_resume(resume, path, ckpt):
+    """Every process must resume the same position: where --logdir is a folder of each machine's own, `--resume
+    auto` finds a checkpoint on one machine and none on another, and the processes would train different weights
+    (or wait on each other for ever). One broadcast and one all-reduce tell every process whether all agree;
+    if not, all stop with the same line. Nothing to agree on without --resume."""
+    if resume is None:
+        return
+    mine = list(resume_position(ckpt)) if ckpt is not None else None
+    first, first_path = broadcast_object((mine, path))  # rank 0's
+    others = all_reduce_sum(torch.full((1,), float(mine != first)))
+    if others.tolist()[0] > 0:
+        what = f"resumes {first_path} at epoch {first[0] + 1}, batch {first[1]}" if first else "finds nothing to resume"
+        raise UserError(f"--resume {resume}: rank 0 {what}, but {int(others.tolist()[0])} process(es) see another "
+                        f"checkpoint or none; expected every machine to see the same checkpoint (--logdir on a "
+                        f"folder shared between machines, or the same files in each machine's folder)")
 
 
 def resume_logdir(resume, logdir):

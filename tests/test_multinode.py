@@ -109,3 +109,28 @@ def test_a_killed_worker_on_node_1_restarts_the_job_which_resumes(tmp_path, tiny
     assert resumed and all("recovery.pth" in line for line in resumed), everything
     ckpt = torch.load(logdir / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["world_size"] == 2
+
+
+def test_a_machine_that_does_not_see_the_checkpoint_stops_every_process(tmp_path, tiny_data):
+    """--logdir on each machine's own disk: node 0 holds last.pth, node 1 nothing. Resuming on node 0 alone would
+    train two models (or hang); every process stops at once with the same line instead."""
+    nodes = tmp_path / "local"
+    (nodes / "node0").mkdir(parents=True)
+    torchrun(1, [os.path.join(ROOT, "train.py"), *RUN, "--epochs", "1", "--dataset_path", tiny_data,
+                 "--logdir", str(nodes / "node0" / "run")], tmp_path=tmp_path)
+    port = free_port()
+    procs = start_nodes(nodes, lambda node: [
+        *c10d_agent(port, node), os.path.join(ROOT, "train.py"), "--distributed", *RUN, "--dataset_path", tiny_data,
+        "--logdir", "run", "--resume", "auto"])
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError("the processes waited on each other instead of stopping")
+    line = ("--resume auto: rank 0 resumes run/last.pth at epoch 2, batch 0, but 1 process(es) see another checkpoint "
+            "or none; expected every machine to see the same checkpoint")
+    assert all(p.returncode != 0 for p in procs) and all(line in out for out in outputs), "\n=====\n".join(outputs)
+    assert not (nodes / "node1" / "run" / "last.pth").exists()
