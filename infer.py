@@ -10,6 +10,7 @@ Each output keeps the input's path relative to the input folder (or to the folde
 Existing outputs are kept unless --overwrite; an unreadable image is reported, skipped and makes the exit code 1.
 """
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -113,7 +114,10 @@ def main(args):
             log.warning(f"skipped {job['path']}: {item['error']}")
             failed.append(job["path"])
             continue
-        probs = task.predict(model, item["image"].unsqueeze(0).to(ctx.device), options)[0]
+        probs = predict_within_memory(task, model, item["image"].unsqueeze(0).to(ctx.device), options, job, log)
+        if probs is None:
+            failed.append(job["path"])
+            continue
         records.append(task.infer_record(probs, item, job, names, args))
 
     # One predictions.jsonl (and predictions.csv), written by rank 0 from every rank's records.
@@ -131,6 +135,25 @@ def main(args):
     distributed.cleanup_distributed()
     if n_failed:
         raise SystemExit(1)
+
+
+def predict_within_memory(task, model, image, options, job, log):
+    """Class probabilities of one image; an image too large for the GPU at full size is predicted again in
+    --sliding windows, and one that does not fit even so is logged and counted as failed (None), like an unreadable
+    file, so one large photo does not end the job."""
+    try:
+        return task.predict(model, image, options)[0]
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+    if not options.sliding:
+        log.warning(f"{job['path']} ({image.shape[-1]}x{image.shape[-2]}) ran out of GPU memory; predicting it in "
+                    f"{options.crop_size} px sliding windows instead")
+        try:
+            return task.predict(model, image, dataclasses.replace(options, sliding=True))[0]
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    log.warning(f"skipped {job['path']}: out of GPU memory even in sliding windows (try a smaller --crop_size)")
+    return None
 
 
 def export_checkpoint(model, example_size, args, log, weights):

@@ -1,5 +1,6 @@
 """Prediction (scales, flip, sliding window), infer.py's inputs and outputs, and model export."""
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -229,3 +230,23 @@ def test_export_round_trip(tmp_path, trained, fmt):
         assert np.abs(exported(x) - expected).max() < 1e-5 * max(10.0, np.abs(expected).max())
     again = run(["infer.py", "--checkpoint", ckpt, "--export", fmt, "--export_path", str(path)], check=False)
     assert again.returncode == 2 and f"--export_path {path} exists; pass --overwrite" in again.stderr
+
+
+def test_an_image_too_large_for_the_gpu_is_predicted_in_windows_or_counted_as_failed(tmp_path, trained):
+    """Out of GPU memory at full size: the image is predicted again in sliding windows; still out of memory there:
+    it is logged and counted like an unreadable file, and the other images are predicted."""
+    logdir, _ = trained
+    rng = np.random.default_rng(0)
+    for name, width in (("small", 64), ("large", 160), ("huge", 240)):
+        Image.fromarray(rng.integers(0, 256, (64, width, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    proc = run(["infer.py", "--checkpoint", os.path.join(logdir, "last.pth"), "--input", str(tmp_path / "*.png"),
+                "--output", str(out), "--workers", "0", "--crop_size", "64", "--plugin",
+                os.path.join("tests", "oom_plugin.py")], tmp_path,
+               env={"AILAB_OOM_WIDTH": "100", "AILAB_OOM_ALWAYS_WIDTH": "200"}, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log  # one input failed
+    assert "large.png (160x64) ran out of GPU memory; predicting it in 64 px sliding windows instead" in log
+    assert "skipped " + str(tmp_path / "huge.png") + ": out of GPU memory even in sliding windows" in log
+    assert "1 input(s) failed" in log
+    assert {os.path.basename(p) for p in glob.glob(str(out / "*.png"))} == {"small.png", "large.png"}
