@@ -123,6 +123,9 @@ def test_step_overhead_row_reads_the_benchmarks_ratio(tmp_path, monkeypatch):
     gc = load_module()
     monkeypatch.setenv("GPU_CHECK_DEVICE", "cpu")
     monkeypatch.setenv("OUT", str(tmp_path))
+    # One thread, as every test's subprocess has (conftest.run): the tiny model's steps are microseconds of work,
+    # and two OpenMP threads on 2 cores shared with the other test worker wait on each other ten times longer.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     check = gc.Check()
     check.deadline = gc.time.monotonic() + 120
     check.gpu_mode = True
