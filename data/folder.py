@@ -264,10 +264,10 @@ def check_images(root, samples, full=None, level=None, cache=None, write_cache=T
         except OSError:
             folders[folder] = None
     trusted = {folder: record.folder_unchanged(folder, mtime, level) for folder, mtime in folders.items()}
-    if all(trusted.values()) and record.passed_names(level).issuperset(rels):
+    passed = record.passed_names(level)
+    if all(trusted.values()) and passed.issuperset(rels):
         return 0  # the restart: nothing changed, nothing is read or written
     tag, confirmed, todo, problems = check_cache.TAGS[level], {}, [], []
-    passed = record.passed_names(level)
     for order, rel in enumerate(rels):
         if rel in passed and trusted[rel.rpartition("/")[0]]:
             confirmed[rel] = record.entries()[rel]

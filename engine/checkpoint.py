@@ -191,10 +191,10 @@ def agree_on_resume(resume, path, ckpt):
         return
     mine = list(resume_position(ckpt)) if ckpt is not None else None
     first, first_path = broadcast_object((mine, path))  # rank 0's
-    others = all_reduce_sum(torch.full((1,), float(mine != first)))
-    if others.tolist()[0] > 0:
+    others = int(all_reduce_sum(torch.full((1,), float(mine != first))).tolist()[0])
+    if others:
         what = f"resumes {first_path} at epoch {first[0] + 1}, batch {first[1]}" if first else "finds nothing to resume"
-        raise UserError(f"--resume {resume}: rank 0 {what}, but {int(others.tolist()[0])} process(es) see another "
+        raise UserError(f"--resume {resume}: rank 0 {what}, but {others} process(es) see another "
                         f"checkpoint or none; expected every machine to see the same checkpoint (--logdir on a "
                         f"folder shared between machines, or the same files in each machine's folder)")
 
